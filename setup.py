@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+setup(
+    name="maft",
+    version="0.1.0.dev0",
+    description="MAFT (Mask-aware Fine-Tuning of CLIP) for open-vocabulary semantic segmentation, with the transformers API",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["maft", "maft.*"]),
+    package_data={"maft": ["kernels/csrc/*", "kernels/csrc/**/*", "pretrained/**/*", "training/*.py"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "evaluate>=0.4",
+        "ninja>=1.11",
+        "pillow>=10",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "dev": ["pytest>=8", "ruff"],
+    },
+    entry_points={"console_scripts": ["maft=maft.cli:main"]},
+)
