@@ -1,0 +1,52 @@
+"""OpenAI CLIP layout (the original MAFT checkpoints) -> transformers' CLIP layout."""
+
+import torch
+
+
+def convert_openai_clip_transformer_block(
+    state_dict: dict[str, torch.Tensor], source_prefix: str, target_prefix: str
+) -> dict[str, torch.Tensor]:
+    """One residual attention block: fused `attn.in_proj_*` (q, k, v stacked) split into q/k/v projections."""
+    converted = {}
+    for kind in ("weight", "bias"):
+        query, key, value = state_dict[f"{source_prefix}attn.in_proj_{kind}"].chunk(3, dim=0)
+        converted[f"{target_prefix}self_attn.q_proj.{kind}"] = query
+        converted[f"{target_prefix}self_attn.k_proj.{kind}"] = key
+        converted[f"{target_prefix}self_attn.v_proj.{kind}"] = value
+        for source, target in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            converted[f"{target_prefix}{target}.{kind}"] = state_dict[f"{source_prefix}{source}.{kind}"]
+    return converted
+
+
+def count_transformer_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of `{prefix}transformer.resblocks.N.` blocks."""
+    block_prefix = f"{prefix}transformer.resblocks."
+    indices = {int(key[len(block_prefix) :].split(".")[0]) for key in state_dict if key.startswith(block_prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def convert_openai_clip_vision(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An OpenAI CLIP image tower under `prefix` -> the state dict of a `MaftClipVisionModel`."""
+    converted = {
+        "embeddings.class_embedding": state_dict[f"{prefix}class_embedding"],
+        "embeddings.patch_embedding.weight": state_dict[f"{prefix}conv1.weight"],
+        "embeddings.position_embedding.weight": state_dict[f"{prefix}positional_embedding"],
+        "pre_layrnorm.weight": state_dict[f"{prefix}ln_pre.weight"],
+        "pre_layrnorm.bias": state_dict[f"{prefix}ln_pre.bias"],
+        "post_layernorm.weight": state_dict[f"{prefix}ln_post.weight"],
+        "post_layernorm.bias": state_dict[f"{prefix}ln_post.bias"],
+        "visual_projection.weight": state_dict[f"{prefix}proj"].t(),
+    }
+    for index in range(count_transformer_blocks(state_dict, prefix)):
+        converted.update(
+            convert_openai_clip_transformer_block(
+                state_dict, f"{prefix}transformer.resblocks.{index}.", f"encoder.layers.{index}."
+            )
+        )
+    return converted
