@@ -12,7 +12,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["maft", "maft.*"]),
-    package_data={"maft": ["kernels/csrc/*", "kernels/csrc/**/*", "pretrained/**/*", "training/*.py"]},
+    package_data={"maft": ["data/*", "kernels/csrc/*", "kernels/csrc/**/*", "pretrained/**/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

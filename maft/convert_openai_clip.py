@@ -50,3 +50,21 @@ def convert_openai_clip_vision(state_dict: dict[str, torch.Tensor], prefix: str)
             )
         )
     return converted
+
+
+def convert_openai_clip_text(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The text tower of an OpenAI CLIP model under `prefix` -> the state dict of a `CLIPTextModelWithProjection`."""
+    converted = {
+        "text_model.embeddings.token_embedding.weight": state_dict[f"{prefix}token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state_dict[f"{prefix}positional_embedding"],
+        "text_model.final_layer_norm.weight": state_dict[f"{prefix}ln_final.weight"],
+        "text_model.final_layer_norm.bias": state_dict[f"{prefix}ln_final.bias"],
+        "text_projection.weight": state_dict[f"{prefix}text_projection"].t(),
+    }
+    for index in range(count_transformer_blocks(state_dict, prefix)):
+        converted.update(
+            convert_openai_clip_transformer_block(
+                state_dict, f"{prefix}transformer.resblocks.{index}.", f"text_model.encoder.layers.{index}."
+            )
+        )
+    return converted

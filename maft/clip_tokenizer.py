@@ -1,0 +1,30 @@
+"""CLIP's tokenizer, built offline from the BPE merges that ship with the package."""
+
+import functools
+import gzip
+from importlib import resources
+
+from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+# OpenAI's CLIP keeps the first 49152 - 256 - 2 merges of its BPE file; with 256 byte tokens, their 256 end-of-word
+# forms and the two special tokens that makes the 49408-token vocabulary of every released CLIP.
+NUM_CLIP_MERGES = 49152 - 256 - 2
+
+
+@functools.cache
+def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    with resources.files("maft").joinpath("data/bpe_simple_vocab_16e6.txt.gz").open("rb") as compressed:
+        lines = gzip.decompress(compressed.read()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_CLIP_MERGES + 1]]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [token + "</w>" for token in byte_tokens] + ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def load_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """The tokenizer of OpenAI's CLIP models (e.g. `openai/clip-vit-base-patch16`), with no download."""
+    vocabulary, merges = _clip_vocabulary()
+    return CLIPTokenizer(vocab=dict(vocabulary), merges=list(merges), model_max_length=model_max_length)
