@@ -299,7 +299,47 @@ class MaftClipVisionModel(CLIPVisionModel):
         return trainable
 
 
+def mask_aware_loss(
+    class_probabilities: torch.Tensor, proposal_masks: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
+) -> torch.Tensor:
+    """
+    MAFT's mask-aware loss (DESIGN.md §4): for every class present in an image, the soft IoU of each proposal with
+    that class's ground-truth mask, min-max normalised over the proposals, is the SmoothL1 target of the proposal's
+    probability for the class. Averaged over all (class, proposal) pairs of the batch; zero when no pixel is labelled.
+
+    class_probabilities: (B, Q, C); proposal_masks: (B, Q, H, W) probabilities; labels: (B, H, W) class indices or
+    `ignore_index` (ignored pixels belong to no ground-truth mask, but still count in a proposal's area).
+    """
+    predictions, targets = [], []
+    for probabilities, masks, image_labels in zip(class_probabilities, proposal_masks, labels):
+        present = image_labels.unique()
+        present = present[present != ignore_index]
+        if present.numel() == 0:
+            continue
+        if present.min() < 0 or present.max() >= probabilities.shape[-1]:
+            raise ValueError(
+                f"`labels` must hold class indices in [0, {probabilities.shape[-1] - 1}] or {ignore_index} (ignore), "
+                f"got values {present.tolist()}."
+            )
+        ground_truth = (image_labels.flatten()[None] == present[:, None]).to(masks.dtype)  # (K, H*W)
+        flat_masks = masks.detach().flatten(1)  # (Q, H*W)
+        intersection = ground_truth @ flat_masks.T  # (K, Q)
+        union = ground_truth.sum(-1, keepdim=True) + flat_masks.sum(-1) - intersection
+        iou = intersection / (union + 1e-7)
+        iou_min, iou_max = iou.min(dim=-1, keepdim=True).values, iou.max(dim=-1, keepdim=True).values
+        targets.append((iou - iou_min) / (iou_max - iou_min + 1e-8))
+        predictions.append(probabilities[:, present].T)
+    if not predictions:
+        return class_probabilities.sum() * 0.0
+    return F.smooth_l1_loss(torch.cat(predictions), torch.cat(targets))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MAFT's self-distillation: SmoothL1 between the class distributions of the student and the frozen teacher."""
+    return F.smooth_l1_loss(student_logits.softmax(dim=-1), teacher_logits.detach().softmax(dim=-1))
+
+
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
 
 
-__all__ = ["MaftClipVisionModel", "MaftClipVisionModelOutput", "proposal_attention"]
+__all__ = ["MaftClipVisionModel", "MaftClipVisionModelOutput", "distillation_loss", "mask_aware_loss", "proposal_attention"]

@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from maft import MaftClipVisionConfig, MaftClipVisionModel
+from maft.convert_openai_clip import convert_openai_clip_vision
+
 
 GOLDEN_DIR = Path(os.environ.get("MAFT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference" / "golden"))
 
@@ -42,3 +45,20 @@ def golden_config() -> dict:
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def golden_ipclip(tower_prefix: str = "IPCLIP.") -> MaftClipVisionModel:
+    """One of the golden model's CLIP image towers: width 128, 2 heads, 6 layers, patch 16, 64x64 input, embed 32."""
+    config = MaftClipVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+        projection_dim=32,
+        mask_start_layer=golden_config()["ipclip_start_layer"],
+    )
+    model = MaftClipVisionModel(config).eval()
+    model.load_state_dict(convert_openai_clip_vision(golden_state_dict(), tower_prefix), strict=True)
+    return model

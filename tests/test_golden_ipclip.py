@@ -4,26 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from golden import golden_config, golden_state_dict, golden_tensors, relative_error
-from maft import MaftClipVisionConfig, MaftClipVisionModel
-from maft.convert_openai_clip import convert_openai_clip_vision
-
-
-def golden_ipclip() -> MaftClipVisionModel:
-    # The golden model's CLIP: width 128, 2 heads, 6 layers, patch 16, 64x64 native input, embed dim 32.
-    config = MaftClipVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
-        projection_dim=32,
-        mask_start_layer=golden_config()["ipclip_start_layer"],
-    )
-    model = MaftClipVisionModel(config).eval()
-    model.load_state_dict(convert_openai_clip_vision(golden_state_dict(), "IPCLIP."), strict=True)
-    return model
+from golden import golden_ipclip, golden_tensors, relative_error
 
 
 @pytest.mark.parametrize("case, padded_size", [("infer", (256, 352)), ("train", (320, 320))])
