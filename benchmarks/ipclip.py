@@ -1,18 +1,17 @@
 """IP-CLIP speed and memory: our split attention vs a dense (Q+L)^2 mask vs running CLIP once per mask.
 
-ViT-B/16-sized random weights, one 480x480 image, Q mask proposals. Each (method, Q) runs in its own process so
-that its peak memory can be read from the operating system (CPU) or from torch (CUDA).
+ViT-B/16-sized random weights, one 480x480 image, Q mask proposals. Times are medians over interleaved rounds; peak
+memory is what one call allocates beyond the model and inputs (profiler allocation events on CPU, torch's peak
+allocation on CUDA).
 
-    python benchmarks/ipclip.py [--device cpu|cuda] [--proposals 10 50 100 200] [--repeats 3]
+    python benchmarks/ipclip.py [--device cpu|cuda] [--proposals 10 50 100 200] [--repeats 7]
 
 Prints a markdown table and writes benchmarks/results/ipclip.json.
 """
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,72 +55,78 @@ def random_blob_masks(num_proposals: int, size: int = 120) -> torch.Tensor:
     return torch.sigmoid((radii[:, None, None] - distances) / 2)[None]
 
 
-def run_worker(method: str, num_proposals: int, repeats: int, device: str) -> dict:
+def proposal_embedders(model, pixel_values: torch.Tensor, masks: torch.Tensor) -> dict:
     from ipclip_reference import dense_mask_proposal_embeds, per_mask_image_embeds
 
-    model = build_model(device)
-    pixel_values = torch.randn(1, 3, 480, 480, device=device)
-    masks = random_blob_masks(num_proposals).to(device)
-    run = {
+    return {
         "ipclip": lambda: model(pixel_values, mask_proposals=masks, interpolate_pos_encoding=True).proposal_embeds,
         "dense": lambda: dense_mask_proposal_embeds(model, pixel_values, masks, interpolate=True),
         "per_mask": lambda: per_mask_image_embeds(model, pixel_values, masks),
-    }[method]
+    }
 
-    def synchronize():
-        if device == "cuda":
-            torch.cuda.synchronize()
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_peak_memory(run, device: str) -> float:
+    """Peak memory (MiB) that one call allocates on top of what it starts with: torch's peak allocation on CUDA; on
+    CPU the maximum of the running sum of the allocations and frees the profiler records."""
     with torch.inference_mode():
-        # The first call, in a fresh process, measures peak memory: the growth of the peak resident set (CPU) or of
-        # torch's peak allocation (CUDA) over what the model and inputs already hold. It doubles as the warm-up.
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             allocated_before = torch.cuda.memory_allocated()
-        rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        synchronize()
-        if device == "cuda":
-            peak_mib = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
-        else:
-            peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
             run()
-            synchronize()
-            seconds.append(time.perf_counter() - start)
-    return {
-        "method": method,
-        "num_proposals": num_proposals,
-        "seconds": statistics.median(seconds),
-        "repeats": repeats,
-        "peak_memory_mib": peak_mib,
-    }
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            run()
+    events = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events() if event.name() == "[memory]")
+    allocated = peak = 0
+    for _, nbytes in events:
+        allocated += nbytes
+        peak = max(peak, allocated)
+    return peak / 2**20
+
+
+def measure_seconds(model, num_proposals: int, repeats: int, device: str) -> dict[str, float]:
+    """Median time per call of each method, timed in interleaved rounds so that machine drift hits all alike."""
+    runs = proposal_embedders(model, torch.randn(1, 3, 480, 480, device=device), random_blob_masks(num_proposals).to(device))
+    # The per-mask baseline runs Q full CLIP passes: fewer timed calls are enough to rank it.
+    repeats_of = {method: 1 if method == "per_mask" and num_proposals >= 100 else repeats for method in runs}
+    seconds = {method: [] for method in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()  # warm-up
+        for round_index in range(repeats):
+            for method, run in runs.items():
+                if round_index < repeats_of[method]:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    run()
+                    synchronize(device)
+                    seconds[method].append(time.perf_counter() - start)
+    return {method: statistics.median(values) for method, values in seconds.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--proposals", type=int, nargs="+", default=[10, 50, 100, 200])
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "ipclip.json")
-    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "Q"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    if arguments.worker:
-        method, num_proposals = arguments.worker
-        print(json.dumps(run_worker(method, int(num_proposals), arguments.repeats, arguments.device)))
-        return
 
+    model = build_model(arguments.device)
     rows = []
     for num_proposals in arguments.proposals:
-        for method in METHODS:
-            # The per-mask baseline runs Q full CLIP passes: one timed call is enough to rank it.
-            repeats = 1 if method == "per_mask" and num_proposals >= 100 else arguments.repeats
-            command = [sys.executable, __file__, "--device", arguments.device, "--repeats", str(repeats), "--worker", method, str(num_proposals)]
-            row = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  Q={num_proposals:<4} {METHODS[method]:<34} {row['seconds']:8.3f} s", file=sys.stderr, flush=True)
+        seconds = measure_seconds(model, num_proposals, arguments.repeats, arguments.device)
+        inputs = torch.randn(1, 3, 480, 480, device=arguments.device), random_blob_masks(num_proposals).to(arguments.device)
+        for method, run in proposal_embedders(model, *inputs).items():
+            peak = measure_peak_memory(run, arguments.device)
+            rows.append({"method": method, "num_proposals": num_proposals, "seconds": seconds[method], "peak_memory_mib": peak})
+            print(f"  Q={num_proposals:<4} {METHODS[method]:<34} {seconds[method]:8.3f} s {peak:8.0f} MiB", file=sys.stderr, flush=True)
 
     by_key = {(row["method"], row["num_proposals"]): row for row in rows}
     print(f"\nIP-CLIP, ViT-B/16 random weights, 480x480, {arguments.device}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
@@ -135,7 +140,8 @@ def main() -> None:
             f"| {dense['seconds'] / ours['seconds']:.2f}x | {per_mask['seconds'] / ours['seconds']:.1f}x |"
         )
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps({"device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2))
+    summary = {"device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": arguments.repeats, "rows": rows}
+    arguments.output.write_text(json.dumps(summary, indent=2))
     print(f"\nwritten to {arguments.output}")
 
 
