@@ -184,16 +184,16 @@ class MaftClipVisionModel(CLIPVisionModel):
         grid_size = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
         patch_keep = self.mask_proposals_to_patch_mask(mask_proposals, grid_size)
         # The class token becomes the proposal tokens: from here on, patches see only patches.
-        proposal_states = hidden_states[:, :1].expand(-1, patch_keep.shape[1], -1)
-        patch_states = hidden_states[:, 1:]
+        num_patches = hidden_states.shape[1] - 1
+        tokens = torch.cat([hidden_states[:, 1:], hidden_states[:, :1].expand(-1, patch_keep.shape[1], -1)], dim=1)
         for layer_index in range(self.config.mask_start_layer, len(layers)):
-            patch_states, proposal_states = self._proposal_layer_forward(
-                layers[layer_index], patch_states, proposal_states, patch_keep, update_patches=layer_index < len(layers) - 1
-            )
+            is_last_layer = layer_index == len(layers) - 1
+            tokens = self._proposal_layer_forward(layers[layer_index], tokens, num_patches, patch_keep, is_last_layer)
 
-        pooled_output = self.post_layernorm(proposal_states)
+        # The last layer returned the proposal tokens only.
+        pooled_output = self.post_layernorm(tokens)
         return MaftClipVisionModelOutput(
-            last_hidden_state=proposal_states,
+            last_hidden_state=tokens,
             pooler_output=pooled_output,
             proposal_embeds=self.visual_projection(pooled_output),
         )
@@ -208,29 +208,22 @@ class MaftClipVisionModel(CLIPVisionModel):
         return (masks >= self.config.mask_threshold).flatten(2)
 
     def _proposal_layer_forward(
-        self,
-        layer: CLIPEncoderLayer,
-        patch_states: torch.Tensor,
-        proposal_states: torch.Tensor,
-        patch_keep: torch.Tensor,
-        update_patches: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self, layer: CLIPEncoderLayer, tokens: torch.Tensor, num_patches: int, patch_keep: torch.Tensor, is_last_layer: bool
+    ) -> torch.Tensor:
         """
-        One CLIP encoder layer over the patch tokens (unmasked self-attention, as CLIP) and the proposal tokens
-        (masked), sharing one projection of all tokens. With `update_patches=False` (the last layer) only the proposal
-        tokens are updated and `None` is returned for the patches.
+        One CLIP encoder layer over `tokens` = [patches; proposals]: patches attend to all patches (unmasked, as CLIP),
+        proposals to themselves and the patches of their mask, sharing one projection of all tokens. In the last layer
+        only the proposals are updated and returned (nothing reads the patches after it).
         """
         attention = layer.self_attn
-        num_patches = patch_states.shape[1]
         dropout = attention.dropout if self.training else 0.0
+        first_query = num_patches if is_last_layer else 0
 
-        normed = layer.layer_norm1(torch.cat([patch_states, proposal_states], dim=1))
-        first_query = 0 if update_patches else num_patches
+        normed = layer.layer_norm1(tokens)
         queries = _split_heads(attention.q_proj(normed[:, first_query:]), attention.num_heads)
         keys = _split_heads(attention.k_proj(normed), attention.num_heads)
         values = _split_heads(attention.v_proj(normed), attention.num_heads)
         patch_keys, patch_values = keys[:, :, :num_patches], values[:, :, :num_patches]
-
         attention_output = proposal_attention(
             queries[:, :, num_patches - first_query :],
             keys[:, :, num_patches:],
@@ -241,19 +234,14 @@ class MaftClipVisionModel(CLIPVisionModel):
             attention.scale,
             dropout,
         )
-        residual = proposal_states
-        if update_patches:
+        if not is_last_layer:
             patch_output = F.scaled_dot_product_attention(
                 queries[:, :, :num_patches], patch_keys, patch_values, dropout_p=dropout, scale=attention.scale
             )
             attention_output = torch.cat([patch_output, attention_output], dim=2)
-            residual = torch.cat([patch_states, proposal_states], dim=1)
 
-        states = residual + attention.out_proj(_merge_heads(attention_output))
-        states = states + layer.mlp(layer.layer_norm2(states))
-        if not update_patches:
-            return None, states
-        return states[:, :num_patches], states[:, num_patches:]
+        tokens = tokens[:, first_query:] + attention.out_proj(_merge_heads(attention_output))
+        return tokens + layer.mlp(layer.layer_norm2(tokens))
 
     def _check_inputs(self, pixel_values: torch.Tensor, mask_proposals: torch.Tensor | None) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
@@ -297,6 +285,40 @@ class MaftClipVisionModel(CLIPVisionModel):
             if is_trainable:
                 trainable.append(name)
         return trainable
+
+
+class ClassEmbeddingCache:
+    """
+    Template-ensembled class embeddings by class, so that a repeated vocabulary is not encoded again.
+
+    A class is keyed by the token ids of its prompts (padding stripped, so the key does not depend on the other
+    classes of the batch). Entries are dropped whenever the text encoder's parameters change: any in-place update (an
+    optimizer step, `load_state_dict`) bumps a tensor's version counter, and moving the model replaces the tensors.
+    """
+
+    def __init__(self):
+        self._embeddings: dict[bytes, torch.Tensor] = {}
+        self._weights_state: tuple | None = None
+
+    @staticmethod
+    def class_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
+        """Key of one class from its (templates, length) prompt tokens."""
+        lengths = attention_mask.sum(dim=-1).tolist()
+        rows = input_ids.cpu().numpy()
+        return b"|".join(row[:length].tobytes() for row, length in zip(rows, lengths))
+
+    def get(self, keys: list[bytes], encoder: nn.Module) -> list[torch.Tensor | None]:
+        weights_state = tuple((parameter.data_ptr(), parameter._version) for parameter in encoder.parameters())
+        if weights_state != self._weights_state:
+            self._embeddings.clear()
+            self._weights_state = weights_state
+        return [self._embeddings.get(key) for key in keys]
+
+    def put(self, keys: list[bytes], embeddings: torch.Tensor) -> None:
+        self._embeddings.update(zip(keys, embeddings))
+
+    def __len__(self) -> int:
+        return len(self._embeddings)
 
 
 def mask_aware_loss(
