@@ -1,10 +1,29 @@
 """MAFT model configurations."""
 
 import os
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPVisionConfig
+from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+VILD_PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
 
 
 @strict
@@ -69,4 +88,214 @@ class MaftClipVisionConfig(CLIPVisionConfig):
         return config_dict, kwargs
 
 
-__all__ = ["MaftClipVisionConfig"]
+@strict
+class MaftDeepLabResNetConfig(PreTrainedConfig):
+    r"""
+    Configuration of the DeepLab-style ResNet that MAFT's proposal generator uses (detectron2's
+    `build_resnet_deeplab_backbone`): a stem of three 3x3 convolutions, bottleneck stages res2..res5 with frozen batch
+    norm, and multi-grid dilations in res5. Defaults are the ResNet-101 of the released MAFT and FreeSeg models.
+
+    depths (`list[int]`, *optional*, defaults to `[3, 4, 23, 3]`):
+        Number of bottleneck blocks in res2, res3, res4 and res5 (`[3, 4, 6, 3]` is ResNet-50).
+    stem_out_channels (`int`, *optional*, defaults to 128):
+        Output channels of the stem (its first two convolutions have half as many).
+    res2_out_channels (`int`, *optional*, defaults to 256):
+        Output channels of res2; each later stage doubles them.
+    num_groups (`int`, *optional*, defaults to 1):
+        Groups of the 3x3 convolutions (ResNeXt when > 1).
+    width_per_group (`int`, *optional*, defaults to 64):
+        Bottleneck width of res2 per group; each later stage doubles it.
+    stride_in_1x1 (`bool`, *optional*, defaults to `False`):
+        Whether a block's stride is on its first 1x1 convolution (else on the 3x3).
+    res4_dilation (`int`, *optional*, defaults to 1), res5_dilation (`int`, *optional*, defaults to 1):
+        Dilation of res4 and res5; a stage with dilation > 1 keeps its input resolution.
+    res5_multi_grid (`list[int]`, *optional*, defaults to `[1, 2, 4]`):
+        Per-block multipliers of res5's dilation.
+    batch_norm_eps (`float`, *optional*, defaults to 1e-5):
+        Epsilon of the frozen batch norms.
+    """
+
+    model_type = "maft_deeplab_resnet"
+
+    depths: list[int] | tuple[int, ...] = (3, 4, 23, 3)
+    stem_out_channels: int = 128
+    res2_out_channels: int = 256
+    num_groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    res4_dilation: int = 1
+    res5_dilation: int = 1
+    res5_multi_grid: list[int] | tuple[int, ...] = (1, 2, 4)
+    batch_norm_eps: float = 1e-5
+
+    def validate_architecture(self):
+        """The four stages, and res5's multi-grid with one multiplier per block."""
+        if len(self.depths) != 4 or min(self.depths) < 1:
+            raise ValueError(f"`depths` must give at least one block for each of res2..res5, got {list(self.depths)}.")
+        if len(self.res5_multi_grid) != self.depths[3]:
+            raise ValueError(
+                f"`res5_multi_grid` needs one dilation multiplier per res5 block ({self.depths[3]}), "
+                f"got {list(self.res5_multi_grid)}."
+            )
+        if self.stem_out_channels % 2:
+            raise ValueError(f"`stem_out_channels` must be even, got {self.stem_out_channels}.")
+
+
+@strict
+class MaftConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MaftModel`]. The defaults reproduce MAFT with CLIP ViT-B/16 and the ResNet-101 FreeSeg proposal
+    generator exactly (DESIGN.md §2-§4); [`MaftConfig.vit_large_patch14`] gives the ViT-L/14 model.
+
+    text_config (`dict` or `CLIPTextConfig`, *optional*):
+        CLIP's text tower (defaults: ViT-B/16's, 512 wide, 12 layers).
+    vision_config (`dict` or `MaftClipVisionConfig`, *optional*):
+        The IP-CLIP image tower (defaults: ViT-B/16, `mask_start_layer` 8).
+    backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+        The proposal generator's backbone: a [`MaftDeepLabResNetConfig`] (default, ResNet-101) or the config of any
+        transformers backbone (`AutoBackbone`, e.g. `ResNetConfig`, `SwinConfig`) with four feature maps at strides
+        4, 8, 16 and 32.
+    feature_size (`int`, *optional*, defaults to 256):
+        Channels of the pixel decoder's feature maps.
+    mask_feature_size (`int`, *optional*, defaults to 256):
+        Channels of the per-pixel mask features.
+    encoder_layers (`int`, *optional*, defaults to 6):
+        Deformable-attention layers of the pixel decoder.
+    encoder_attention_heads (`int`, *optional*, defaults to 8), encoder_feedforward_dim (`int`, *optional*, defaults to 1024):
+        Heads and feed-forward width of the pixel decoder's layers.
+    encoder_num_points (`int`, *optional*, defaults to 4):
+        Sampling points per head and level of the deformable attention.
+    num_feature_levels (`int`, *optional*, defaults to 3):
+        Feature levels (res3, res4, res5) the pixel decoder and the transformer decoder use.
+    encoder_dropout (`float`, *optional*, defaults to 0.1):
+        Dropout of the pixel decoder's layers.
+    deformable_attention_backend (`str`, *optional*, defaults to `"auto"`):
+        Implementation of multi-scale deformable attention: "auto", "cuda", "cpu" or "pytorch" (see `maft.kernels`;
+        the environment variable `MAFT_DEFORMABLE_ATTENTION_BACKEND` overrides it).
+    context_attention_dim (`int`, *optional*, defaults to 2048), context_attention_heads (`int`, *optional*, defaults to 8):
+        Inner width and heads of the text-to-pixel context interaction.
+    context_layer_scale_init (`float`, *optional*, defaults to 0.1):
+        Initial layer-scale of the context interaction's residual.
+    context_dropout (`float`, *optional*, defaults to 0.1):
+        Attention dropout of the context interaction.
+    hidden_dim (`int`, *optional*, defaults to 256):
+        Width of the transformer decoder.
+    num_queries (`int`, *optional*, defaults to 100):
+        Number of mask proposals.
+    decoder_layers (`int`, *optional*, defaults to 9):
+        Masked-attention decoder layers (each followed by a prediction; one more prediction comes before them).
+    decoder_attention_heads (`int`, *optional*, defaults to 8), decoder_feedforward_dim (`int`, *optional*, defaults to 2048):
+        Heads and feed-forward width of the decoder layers.
+    class_embed_hidden_dim (`int`, *optional*, defaults to 1024):
+        Hidden width of the MLP that maps a query to its CLIP-space class embedding.
+    projection_dim (`int`, *optional*, defaults to 512):
+        Dimension of CLIP's joint image-text space.
+    logit_scale (`float`, *optional*, defaults to 100.0):
+        Fixed temperature of every class logit: `logit_scale * cos(embedding, text)`.
+    clip_image_size (`int`, *optional*, defaults to 480):
+        Side of the square image IP-CLIP sees (the padded input is resized to it).
+    ensemble_weight (`float`, *optional*, defaults to 0.0):
+        Weight lambda of the in-vocabulary scores in `p_in^lambda * p_clip^(1 - lambda)` for seen classes (swapped
+        for unseen ones). The released MAFT models use 0: IP-CLIP's scores only.
+    prompt_templates (`list[str]`, *optional*):
+        The prompt templates class names are put into; defaults to the 14 ViLD templates.
+    use_distillation_teacher (`bool`, *optional*, defaults to `True`):
+        Keep a frozen copy of the original CLIP image tower for MAFT's self-distillation. Only training needs it.
+    training_stage (`str`, *optional*, defaults to `"maft"`):
+        What `forward` trains when given labels: "proposals" (stage 1, the proposal generator with CLIP frozen) or
+        "maft" (stage 2, IP-CLIP with the mask-aware and distillation losses, the proposal generator frozen).
+    ignore_index (`int`, *optional*, defaults to 255):
+        Label value of unlabelled pixels.
+    mask_aware_loss_weight (`float`, *optional*, defaults to 1.0), distillation_loss_weight (`float`, *optional*, defaults to 0.1):
+        Stage-2 loss weights.
+    class_loss_weight (`float`, *optional*, defaults to 1.0), mask_loss_weight (`float`, *optional*, defaults to 20.0),
+    dice_loss_weight (`float`, *optional*, defaults to 5.0), no_object_weight (`float`, *optional*, defaults to 0.1):
+        Stage-1 loss weights (also the Hungarian matching costs) and the cross-entropy weight of "no object".
+    """
+
+    model_type = "maft"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "text_config": SubConfigSpec(CLIPTextConfig),
+        "vision_config": SubConfigSpec(MaftClipVisionConfig, init_kwargs={"patch_size": 16}),
+        "backbone_config": SubConfigSpec(MaftDeepLabResNetConfig),
+    }
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | MaftClipVisionConfig | None = None
+    backbone_config: dict | PreTrainedConfig | None = None
+    feature_size: int = 256
+    mask_feature_size: int = 256
+    encoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    encoder_feedforward_dim: int = 1024
+    encoder_num_points: int = 4
+    num_feature_levels: int = 3
+    encoder_dropout: float = 0.1
+    deformable_attention_backend: Literal["auto", "cuda", "cpu", "pytorch"] = "auto"
+    context_attention_dim: int = 2048
+    context_attention_heads: int = 8
+    context_layer_scale_init: float = 0.1
+    context_dropout: float = 0.1
+    hidden_dim: int = 256
+    num_queries: int = 100
+    decoder_layers: int = 9
+    decoder_attention_heads: int = 8
+    decoder_feedforward_dim: int = 2048
+    class_embed_hidden_dim: int = 1024
+    projection_dim: int = 512
+    logit_scale: float = 100.0
+    clip_image_size: int = 480
+    ensemble_weight: float = 0.0
+    prompt_templates: list[str] | tuple[str, ...] = VILD_PROMPT_TEMPLATES
+    use_distillation_teacher: bool = True
+    training_stage: Literal["proposals", "maft"] = "maft"
+    ignore_index: int = 255
+    mask_aware_loss_weight: float = 1.0
+    distillation_loss_weight: float = 0.1
+    class_loss_weight: float = 1.0
+    mask_loss_weight: float = 20.0
+    dice_loss_weight: float = 5.0
+    no_object_weight: float = 0.1
+
+    def validate_architecture(self):
+        """Sizes that must divide or match each other, and the values each option allows."""
+        for size, heads in (
+            ("feature_size", "encoder_attention_heads"),
+            ("hidden_dim", "decoder_attention_heads"),
+            ("context_attention_dim", "context_attention_heads"),
+        ):
+            if getattr(self, size) % getattr(self, heads):
+                raise ValueError(f"`{size}` ({getattr(self, size)}) must be divisible by `{heads}` ({getattr(self, heads)}).")
+        for name, sub_config in (("text_config", self.text_config), ("vision_config", self.vision_config)):
+            if sub_config.projection_dim != self.projection_dim:
+                raise ValueError(
+                    f"`{name}.projection_dim` ({sub_config.projection_dim}) must equal `projection_dim` ({self.projection_dim})."
+                )
+        if not 0.0 <= self.ensemble_weight <= 1.0:
+            raise ValueError(f"`ensemble_weight` must be in [0, 1], got {self.ensemble_weight}.")
+        if not self.prompt_templates or not all("{}" in template for template in self.prompt_templates):
+            raise ValueError("`prompt_templates` must be a non-empty list of strings that each contain '{}'.")
+        if self.num_feature_levels != 3:
+            raise ValueError(f"`num_feature_levels` must be 3 (res3, res4, res5), got {self.num_feature_levels}.")
+
+    @classmethod
+    def vit_large_patch14(cls, **kwargs) -> "MaftConfig":
+        """MAFT with CLIP ViT-L/14 (IP-CLIP masks from layer 16 of 24), as released by the authors."""
+        defaults = dict(
+            text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
+            vision_config=dict(
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                patch_size=14, projection_dim=768, mask_start_layer=16,
+            ),
+            projection_dim=768,
+        )
+        defaults.update(kwargs)
+        return cls(**defaults)
+
+
+AutoConfig.register(MaftClipVisionConfig.model_type, MaftClipVisionConfig)
+AutoConfig.register(MaftDeepLabResNetConfig.model_type, MaftDeepLabResNetConfig)
+AutoConfig.register(MaftConfig.model_type, MaftConfig)
+
+
+__all__ = ["MaftClipVisionConfig", "MaftConfig", "MaftDeepLabResNetConfig", "VILD_PROMPT_TEMPLATES"]

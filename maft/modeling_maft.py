@@ -1,19 +1,23 @@
 """PyTorch MAFT model: open-vocabulary semantic segmentation with a mask-aware CLIP (IP-CLIP)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import CLIPVisionModel
+from transformers import CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
+from transformers.backbone_utils import load_backbone
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_maft import MaftClipVisionConfig
+from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
+from .kernels import MultiScaleDeformableAttention
 
 
 logger = logging.get_logger(__name__)
@@ -287,6 +291,352 @@ class MaftClipVisionModel(CLIPVisionModel):
         return trainable
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (all buffers), as the DeepLab backbone uses."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return hidden_states * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class Conv2dWithNorm(nn.Conv2d):
+    """A convolution followed by a normalisation layer stored as its `norm` attribute (detectron2's layout)."""
+
+    def __init__(self, *args, norm: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(hidden_states))
+
+
+class MaftDeepLabBottleneck(nn.Module):
+    """ResNet bottleneck block with frozen batch norm and an optional dilation of its 3x3 convolution."""
+
+    def __init__(self, config: MaftDeepLabResNetConfig, in_channels: int, bottleneck_channels: int, out_channels: int,
+                 stride: int, dilation: int):
+        super().__init__()
+
+        def conv(in_size: int, out_size: int, kernel: int, **kwargs) -> Conv2dWithNorm:
+            norm = FrozenBatchNorm2d(out_size, config.batch_norm_eps)
+            return Conv2dWithNorm(in_size, out_size, kernel, bias=False, norm=norm, **kwargs)
+
+        self.shortcut = conv(in_channels, out_channels, 1, stride=stride) if in_channels != out_channels else None
+        stride_1x1, stride_3x3 = (stride, 1) if config.stride_in_1x1 else (1, stride)
+        self.conv1 = conv(in_channels, bottleneck_channels, 1, stride=stride_1x1)
+        self.conv2 = conv(bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=dilation,
+                          dilation=dilation, groups=config.num_groups)
+        self.conv3 = conv(bottleneck_channels, out_channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shortcut = hidden_states if self.shortcut is None else self.shortcut(hidden_states)
+        hidden_states = F.relu(self.conv1(hidden_states))
+        hidden_states = F.relu(self.conv2(hidden_states))
+        return F.relu(self.conv3(hidden_states) + shortcut)
+
+
+class MaftDeepLabStem(nn.Module):
+    """Three 3x3 convolutions (the first with stride 2) and a 3x3 max pool with stride 2."""
+
+    def __init__(self, config: MaftDeepLabResNetConfig):
+        super().__init__()
+        half = config.stem_out_channels // 2
+        sizes = [(3, half, 2), (half, half, 1), (half, config.stem_out_channels, 1)]
+        for index, (in_size, out_size, stride) in enumerate(sizes, start=1):
+            norm = FrozenBatchNorm2d(out_size, config.batch_norm_eps)
+            self.add_module(f"conv{index}", Conv2dWithNorm(in_size, out_size, 3, stride=stride, padding=1, bias=False, norm=norm))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.relu(self.conv1(pixel_values))
+        hidden_states = F.relu(self.conv2(hidden_states))
+        hidden_states = F.relu(self.conv3(hidden_states))
+        return F.max_pool2d(hidden_states, kernel_size=3, stride=2, padding=1)
+
+
+class MaftDeepLabResNet(nn.Module):
+    """DeepLab-style ResNet (detectron2's `build_resnet_deeplab_backbone`): features res2..res5 at strides 4..32."""
+
+    def __init__(self, config: MaftDeepLabResNetConfig):
+        super().__init__()
+        self.stem = MaftDeepLabStem(config)
+        in_channels, out_channels = config.stem_out_channels, config.res2_out_channels
+        bottleneck_channels = config.num_groups * config.width_per_group
+        self.channels = []
+        for stage_index, num_blocks in enumerate(config.depths):
+            dilation = {2: config.res4_dilation, 3: config.res5_dilation}.get(stage_index, 1)
+            first_stride = 1 if stage_index == 0 or dilation > 1 else 2
+            if stage_index == 3:
+                dilations = [dilation * multiplier for multiplier in config.res5_multi_grid]
+            else:
+                dilations = [dilation] * num_blocks
+            blocks = []
+            for block_index in range(num_blocks):
+                stride = first_stride if block_index == 0 else 1
+                blocks.append(
+                    MaftDeepLabBottleneck(config, in_channels, bottleneck_channels, out_channels, stride, dilations[block_index])
+                )
+                in_channels = out_channels
+            self.add_module(f"res{stage_index + 2}", nn.Sequential(*blocks))
+            self.channels.append(out_channels)
+            out_channels, bottleneck_channels = out_channels * 2, bottleneck_channels * 2
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        hidden_states = self.stem(pixel_values)
+        features = []
+        for stage in (self.res2, self.res3, self.res4, self.res5):
+            hidden_states = stage(hidden_states)
+            features.append(hidden_states)
+        return features
+
+
+class MaftAutoBackbone(nn.Module):
+    """Any transformers backbone (`AutoBackbone`) that gives four feature maps at strides 4, 8, 16 and 32."""
+
+    def __init__(self, config: MaftConfig):
+        super().__init__()
+        self.model = load_backbone(config)
+        self.channels = list(self.model.channels)
+        if len(self.channels) != 4:
+            raise ValueError(
+                f"The backbone must output four feature maps (strides 4, 8, 16, 32), but its `out_features` give "
+                f"{len(self.channels)}: set `out_features` (or `out_indices`) of `backbone_config` to four stages."
+            )
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(pixel_values).feature_maps)
+
+
+def sine_position_embedding(feature_map: torch.Tensor) -> torch.Tensor:
+    """DETR's normalised sine position embedding of a (B, C, H, W) map, with C channels, in float32."""
+    return Mask2FormerSinePositionEmbedding.build_sine_position_embedding(
+        feature_map.shape, feature_map.device, torch.float32, feature_map.shape[1] // 2, normalize=True, scale=2 * math.pi
+    )
+
+
+class MaftPixelDecoderLayer(nn.Module):
+    """Deformable self-attention over the multi-scale features, then a feed-forward network (post-norm)."""
+
+    def __init__(self, config: MaftConfig):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(
+            config.feature_size, config.encoder_attention_heads, config.num_feature_levels, config.encoder_num_points,
+            backend=config.deformable_attention_backend,
+        )
+        self.norm1 = nn.LayerNorm(config.feature_size)
+        self.linear1 = nn.Linear(config.feature_size, config.encoder_feedforward_dim)
+        self.linear2 = nn.Linear(config.encoder_feedforward_dim, config.feature_size)
+        self.norm2 = nn.LayerNorm(config.feature_size)
+        self.dropout = nn.Dropout(config.encoder_dropout)
+
+    def forward(self, hidden_states, position_embeddings, reference_points, spatial_shapes, level_start_index):
+        attended = self.self_attn(hidden_states + position_embeddings, reference_points, hidden_states, spatial_shapes, level_start_index)
+        hidden_states = self.norm1(hidden_states + self.dropout(attended))
+        feed_forward = self.linear2(self.dropout(F.relu(self.linear1(hidden_states))))
+        return self.norm2(hidden_states + self.dropout(feed_forward))
+
+
+class MaftPixelDecoder(nn.Module):
+    """
+    Mask2Former's multi-scale deformable-attention pixel decoder: res3..res5 projected to `feature_size`, refined by
+    deformable attention layers; an FPN step adds res2; `mask_features` at stride 4. Runs in float32.
+    """
+
+    def __init__(self, config: MaftConfig, backbone_channels: list[int]):
+        super().__init__()
+        size = config.feature_size
+        # Lowest resolution first, as the decoder consumes them: res5, res4, res3.
+        self.input_projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, size, kernel_size=1), nn.GroupNorm(32, size))
+            for channels in backbone_channels[:0:-1]
+        )
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, size))
+        self.layers = nn.ModuleList(MaftPixelDecoderLayer(config) for _ in range(config.encoder_layers))
+        self.lateral_conv = Conv2dWithNorm(backbone_channels[0], size, kernel_size=1, bias=False, norm=nn.GroupNorm(32, size))
+        self.output_conv = Conv2dWithNorm(size, size, kernel_size=3, padding=1, bias=False, norm=nn.GroupNorm(32, size))
+        self.mask_features = nn.Conv2d(size, config.mask_feature_size, kernel_size=1)
+
+    @staticmethod
+    def reference_points(spatial_shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """Pixel centres of every level, normalised to [0, 1]: (1, S, levels, 2) as (x, y)."""
+        points = []
+        for height, width in spatial_shapes:
+            y, x = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, device=device) / height,
+                torch.linspace(0.5, width - 0.5, width, device=device) / width,
+                indexing="ij",
+            )
+            points.append(torch.stack([x.flatten(), y.flatten()], dim=-1))
+        return torch.cat(points)[None, :, None].expand(-1, -1, len(spatial_shapes), -1)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features res2..res5 -> (mask_features, [res5-, res4-, res3-level maps]); half precision runs as float32."""
+        with torch.autocast(features[0].device.type, enabled=False):
+            return self._decode([feature.float() if feature.dtype in (torch.float16, torch.bfloat16) else feature for feature in features])
+
+    def _decode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        projected = [projection(feature) for projection, feature in zip(self.input_projections, features[:0:-1])]
+        spatial_shapes = [tuple(feature.shape[-2:]) for feature in projected]
+        shapes_tensor = torch.as_tensor(spatial_shapes, dtype=torch.long, device=features[0].device)
+        level_start_index = torch.cat([shapes_tensor.new_zeros(1), shapes_tensor.prod(1).cumsum(0)[:-1]])
+        hidden_states = torch.cat([feature.flatten(2).transpose(1, 2) for feature in projected], dim=1)
+        position_embeddings = torch.cat(
+            [
+                sine_position_embedding(feature).flatten(2).transpose(1, 2) + self.level_embed[level]
+                for level, feature in enumerate(projected)
+            ],
+            dim=1,
+        )
+        reference_points = self.reference_points(spatial_shapes, hidden_states.device)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, reference_points, shapes_tensor, level_start_index)
+
+        batch_size = hidden_states.shape[0]
+        multi_scale_features = [
+            level_states.transpose(1, 2).reshape(batch_size, -1, height, width)
+            for level_states, (height, width) in zip(hidden_states.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
+        ]
+        finest = self.lateral_conv(features[0])
+        finest = finest + F.interpolate(multi_scale_features[-1], size=finest.shape[-2:], mode="bilinear", align_corners=False)
+        finest = F.relu(self.output_conv(finest))
+        return self.mask_features(finest), multi_scale_features
+
+
+class MaftContextInteraction(nn.Module):
+    """
+    FreeSeg's text-to-pixel context interaction: the pixels of each feature map (layer-normed) cross-attend to the
+    layer-normed class text embeddings, and the layer-scaled result is added to the normed pixels. One block serves all
+    maps. As in the original (GLIP's block), the text is layer-normed again before each map, so map i sees it normed
+    i + 1 times; the released weights were trained with this, so we keep it.
+    """
+
+    def __init__(self, config: MaftConfig):
+        super().__init__()
+        self.num_heads = config.context_attention_heads
+        self.query_norm = nn.LayerNorm(config.feature_size)
+        self.text_norm = nn.LayerNorm(config.projection_dim)
+        self.q_proj = nn.Linear(config.feature_size, config.context_attention_dim)
+        self.k_proj = nn.Linear(config.projection_dim, config.context_attention_dim)
+        self.v_proj = nn.Linear(config.projection_dim, config.context_attention_dim)
+        self.out_proj = nn.Linear(config.context_attention_dim, config.feature_size)
+        self.layer_scale = nn.Parameter(torch.full((config.feature_size,), config.context_layer_scale_init))
+        self.dropout = config.context_dropout
+
+    def forward(self, feature_maps: list[torch.Tensor], text_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """feature_maps: (B, C, H, W) each; text_embeds (B, K, D) -> the maps with text context added."""
+        outputs = []
+        text = text_embeds
+        for feature_map in feature_maps:
+            batch_size, channels, height, width = feature_map.shape
+            text = self.text_norm(text)
+            pixels = self.query_norm(feature_map.flatten(2).transpose(1, 2))
+            queries = _split_heads(self.q_proj(pixels), self.num_heads)
+            keys = _split_heads(self.k_proj(text), self.num_heads)
+            values = _split_heads(self.v_proj(text), self.num_heads)
+            dropout = self.dropout if self.training else 0.0
+            attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
+            pixels = pixels + self.layer_scale * self.out_proj(_merge_heads(attended))
+            outputs.append(pixels.transpose(1, 2).reshape(batch_size, channels, height, width))
+        return outputs
+
+
+class MaftMLP(nn.Module):
+    """Linear layers with ReLU between them (`layers.{i}`, as the original)."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(in_size, out_size) for in_size, out_size in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = F.relu(hidden_states)
+        return hidden_states
+
+
+class MaftDecoderLayer(nn.Module):
+    """Masked cross-attention to one feature level, self-attention among queries, feed-forward (each post-norm)."""
+
+    def __init__(self, config: MaftConfig):
+        super().__init__()
+        size, heads = config.hidden_dim, config.decoder_attention_heads
+        self.cross_attn = nn.MultiheadAttention(size, heads)
+        self.cross_attn_norm = nn.LayerNorm(size)
+        self.self_attn = nn.MultiheadAttention(size, heads)
+        self.self_attn_norm = nn.LayerNorm(size)
+        self.linear1 = nn.Linear(size, config.decoder_feedforward_dim)
+        self.linear2 = nn.Linear(config.decoder_feedforward_dim, size)
+        self.ffn_norm = nn.LayerNorm(size)
+
+    def forward(self, queries, query_positions, memory, memory_positions, attention_mask):
+        """Sequence-first tensors: queries (Q, B, C), memory (HW, B, C); attention_mask (B*heads, Q, HW), True = blocked."""
+        attended = self.cross_attn(queries + query_positions, memory + memory_positions, memory, attn_mask=attention_mask)[0]
+        queries = self.cross_attn_norm(queries + attended)
+        attended = self.self_attn(queries + query_positions, queries + query_positions, queries)[0]
+        queries = self.self_attn_norm(queries + attended)
+        return self.ffn_norm(queries + self.linear2(F.relu(self.linear1(queries))))
+
+
+class MaftMaskedAttentionDecoder(nn.Module):
+    """
+    Mask2Former's masked-attention transformer decoder with MAFT's heads: each query predicts a class-agnostic mask
+    (dot product with the mask features) and a CLIP-space class embedding. Cross-attention cycles through the three
+    feature levels; a query only sees the pixels its previous mask prediction covers (>= 0.5).
+    """
+
+    def __init__(self, config: MaftConfig):
+        super().__init__()
+        self.num_heads = config.decoder_attention_heads
+        self.num_levels = config.num_feature_levels
+        self.query_features = nn.Embedding(config.num_queries, config.hidden_dim)
+        self.query_position_embeddings = nn.Embedding(config.num_queries, config.hidden_dim)
+        self.level_embed = nn.Embedding(config.num_feature_levels, config.hidden_dim)
+        self.layers = nn.ModuleList(MaftDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(config.hidden_dim)
+        self.class_embed = MaftMLP([config.hidden_dim, config.class_embed_hidden_dim, config.projection_dim])
+        self.mask_embed = MaftMLP([config.hidden_dim] * 3 + [config.mask_feature_size])
+
+    def predict(self, queries, mask_features, attention_size):
+        """Class embeddings (B, Q, D), mask logits (B, Q, h, w) and the next layer's attention mask."""
+        decoded = self.decoder_norm(queries).transpose(0, 1)
+        class_embeds = self.class_embed(decoded)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        blocked = F.interpolate(mask_logits, size=attention_size, mode="bilinear", align_corners=False).sigmoid() < 0.5
+        blocked = blocked.flatten(2).repeat_interleave(self.num_heads, dim=0)
+        # A query that would see nothing sees everything instead.
+        blocked[blocked.all(dim=-1)] = False
+        return class_embeds, mask_logits, blocked.detach()
+
+    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor):
+        """Returns the class embeddings and mask logits of the initial prediction and after every layer."""
+        batch_size = mask_features.shape[0]
+        memories, memory_positions, sizes = [], [], []
+        for level, feature in enumerate(multi_scale_features):
+            sizes.append(feature.shape[-2:])
+            memory_positions.append(sine_position_embedding(feature).to(feature.dtype).flatten(2).permute(2, 0, 1))
+            memories.append((feature.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(2, 0, 1))
+        query_positions = self.query_position_embeddings.weight[:, None].expand(-1, batch_size, -1)
+        queries = self.query_features.weight[:, None].expand(-1, batch_size, -1)
+
+        class_embeds, mask_logits, blocked = self.predict(queries, mask_features, sizes[0])
+        predictions = [(class_embeds, mask_logits)]
+        for index, layer in enumerate(self.layers):
+            level = index % self.num_levels
+            queries = layer(queries, query_positions, memories[level], memory_positions[level], blocked)
+            class_embeds, mask_logits, blocked = self.predict(queries, mask_features, sizes[(index + 1) % self.num_levels])
+            predictions.append((class_embeds, mask_logits))
+        return predictions
+
+
 class ClassEmbeddingCache:
     """
     Template-ensembled class embeddings by class, so that a repeated vocabulary is not encoded again.
@@ -361,7 +711,355 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.smooth_l1_loss(student_logits.softmax(dim=-1), teacher_logits.detach().softmax(dim=-1))
 
 
+@dataclass
+class MaftModelOutput(ModelOutput):
+    r"""
+    Output of [`MaftModel`].
+
+    loss (`torch.FloatTensor`, *optional*):
+        The training loss of `config.training_stage`, when `labels` are given.
+    class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
+        The final classification of each mask proposal: `softmax(class_queries_logits)[..., :-1]` are the class scores
+        the semantic segmentation is made from (`MaftImageProcessor.post_process_semantic_segmentation`). With
+        `ensemble_weight == 0` these are IP-CLIP's scores; otherwise the geometric ensemble with the proposal
+        generator's in-vocabulary scores.
+    masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 4, width / 4)`):
+        Class-agnostic mask logits of the proposals, at a quarter of the padded input size.
+    proposal_class_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
+        The proposal generator's in-vocabulary logits `logit_scale * cos(e_q, [T; no-object])`.
+    clip_class_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
+        IP-CLIP's logits `logit_scale * cos(f_q, [T; no-object])`.
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, num_classes, projection_dim)`):
+        The L2-normalised, template-ensembled class text embeddings T.
+    proposal_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`):
+        The L2-normalised IP-CLIP embedding of each proposal.
+    image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+        The unpadded (height, width) of each image in the padded input, passed through for post-processing.
+    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`, *optional*):
+        `class_queries_logits` (in-vocabulary) and `masks_queries_logits` of every intermediate decoder layer.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
+        The weighted terms that make up `loss`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    class_queries_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    proposal_class_logits: torch.FloatTensor | None = None
+    clip_class_logits: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    proposal_embeds: torch.FloatTensor | None = None
+    image_sizes: torch.LongTensor | None = None
+    auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
+    loss_dict: dict[str, torch.FloatTensor] | None = None
+
+
+class MaftPreTrainedModel(PreTrainedModel):
+    config: MaftConfig
+    config_class = MaftConfig
+    base_model_prefix = "maft"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["CLIPEncoderLayer", "MaftDecoderLayer", "MaftPixelDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Mask2Former's initialisation for the proposal generator; CLIP towers initialise themselves."""
+        if isinstance(module, MultiScaleDeformableAttention):
+            module.reset_parameters()
+        elif isinstance(module, MaftPixelDecoder):
+            nn.init.normal_(module.level_embed)
+            for projection in module.input_projections:
+                nn.init.xavier_uniform_(projection[0].weight)
+                nn.init.zeros_(projection[0].bias)
+            for conv in (module.lateral_conv, module.output_conv, module.mask_features):
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(module.mask_features.bias)
+        elif isinstance(module, MaftDecoderLayer):
+            for parameter in module.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+        elif isinstance(module, MaftContextInteraction):
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                nn.init.xavier_uniform_(projection.weight)
+                nn.init.zeros_(projection.bias)
+            nn.init.constant_(module.layer_scale, self.config.context_layer_scale_init)
+        elif isinstance(module, MaftModel):
+            nn.init.normal_(module.no_object_embedding, std=module.no_object_embedding.shape[-1] ** -0.5)
+        elif isinstance(module, (MaftDeepLabResNet, MaftMaskedAttentionDecoder, MaftMLP)):
+            return
+        elif not isinstance(module, FrozenBatchNorm2d):
+            super()._init_weights(module)
+
+
+class MaftModel(MaftPreTrainedModel):
+    """
+    MAFT for open-vocabulary semantic segmentation (DESIGN.md §2): a proposal generator proposes class-agnostic masks
+    and IP-CLIP classifies every proposal against the class names' text embeddings, in one pass each.
+
+    Example:
+
+    ```python
+    >>> from maft import MaftModel, MaftProcessor
+
+    >>> processor = MaftProcessor.from_pretrained(path)
+    >>> model = MaftModel.from_pretrained(path)
+    >>> inputs = processor(images=image, text=["cat", "sofa", "wall"], return_tensors="pt")
+    >>> outputs = model(**inputs)
+    >>> label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    ```
+    """
+
+    def __init__(self, config: MaftConfig):
+        super().__init__(config)
+        if isinstance(config.backbone_config, MaftDeepLabResNetConfig):
+            self.backbone = MaftDeepLabResNet(config.backbone_config)
+        else:
+            self.backbone = MaftAutoBackbone(config)
+        self.pixel_decoder = MaftPixelDecoder(config, self.backbone.channels)
+        self.context_interaction = MaftContextInteraction(config)
+        self.decoder = MaftMaskedAttentionDecoder(config)
+        self.no_object_embedding = nn.Parameter(torch.empty(1, config.projection_dim))
+        self.text_encoder = CLIPTextModelWithProjection(config.text_config)
+        self.ip_clip = MaftClipVisionModel(config.vision_config)
+        self.distillation_teacher = MaftClipVisionModel(config.vision_config) if config.use_distillation_teacher else None
+        self.class_embedding_cache = ClassEmbeddingCache()
+        self.post_init()
+
+    def train(self, mode: bool = True) -> "MaftModel":
+        """Sets the training mode, keeping in eval mode what the current `training_stage` freezes."""
+        super().train(mode)
+        frozen = [self.text_encoder, self.distillation_teacher]
+        if self.config.training_stage == "maft":
+            frozen += [self.backbone, self.pixel_decoder, self.context_interaction, self.decoder]
+        else:
+            frozen.append(self.ip_clip)
+        for module in frozen:
+            if module is not None:
+                module.eval()
+        return self
+
+    def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Class embeddings from prompt tokens: `input_ids` (..., num_templates, length) of each class name in every prompt
+        template -> (..., projection_dim): each prompt embedding L2-normalised, averaged over the templates,
+        renormalised. A class encoded before with the same weights comes from the cache.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        leading_shape, (num_templates, length) = input_ids.shape[:-2], input_ids.shape[-2:]
+        flat_ids = input_ids.reshape(-1, num_templates, length)
+        flat_mask = attention_mask.reshape(-1, num_templates, length)
+        use_cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters()))
+        keys = [ClassEmbeddingCache.class_key(ids, mask) for ids, mask in zip(flat_ids, flat_mask)]
+        embeddings = self.class_embedding_cache.get(keys, self.text_encoder) if use_cache else [None] * len(keys)
+        missing = [index for index, embedding in enumerate(embeddings) if embedding is None]
+        if missing:
+            prompt_embeds = self.text_encoder(
+                input_ids=flat_ids[missing].flatten(0, 1), attention_mask=flat_mask[missing].flatten(0, 1)
+            ).text_embeds
+            prompt_embeds = F.normalize(prompt_embeds, dim=-1).view(len(missing), num_templates, -1)
+            encoded = F.normalize(prompt_embeds.mean(dim=1), dim=-1)
+            if use_cache:
+                self.class_embedding_cache.put([keys[index] for index in missing], encoded)
+            for position, index in enumerate(missing):
+                embeddings[index] = encoded[position]
+        return torch.stack(embeddings).view(*leading_shape, -1)
+
+    def class_logits(self, embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """`logit_scale * cos(embeds, [text_embeds; no-object])`: (B, N, D) x (B, C, D) -> (B, N, C + 1)."""
+        no_object = self.no_object_embedding.expand(text_embeds.shape[0], -1, -1).to(text_embeds.dtype)
+        targets = F.normalize(torch.cat([text_embeds, no_object], dim=1), dim=-1)
+        return self.config.logit_scale * F.normalize(embeds, dim=-1) @ targets.transpose(1, 2)
+
+    def propose(self, pixel_values: torch.Tensor, text_embeds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """
+        The proposal generator: backbone-normalised images (B, 3, H, W) and class text embeddings (B, C, D) -> for the
+        initial prediction and each decoder layer, `masks_queries_logits` (B, Q, H/4, W/4), `class_embeds` (B, Q, D) and
+        in-vocabulary `class_queries_logits` (B, Q, C + 1). The last entry is the final prediction.
+        """
+        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(pixel_values))
+        context = torch.cat([text_embeds, self.no_object_embedding.expand(text_embeds.shape[0], -1, -1)], dim=1)
+        *multi_scale_features, mask_features = self.context_interaction([*multi_scale_features, mask_features], context)
+        return [
+            {"masks_queries_logits": masks, "class_embeds": embeds, "class_queries_logits": self.class_logits(embeds, text_embeds)}
+            for embeds, masks in self.decoder(multi_scale_features, mask_features)
+        ]
+
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        clip_pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        seen_classes: torch.Tensor | None = None,
+    ) -> MaftModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Backbone-normalised, zero-padded images (`MaftImageProcessor`).
+        clip_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, clip_image_size, clip_image_size)`):
+            The same images, CLIP-normalised, padded and resized to `config.clip_image_size`.
+        input_ids (`torch.LongTensor` of shape `(num_classes, num_templates, length)` or `(batch_size, num_classes, num_templates, length)`):
+            Each class name in every prompt template, tokenised (`MaftProcessor`). Or give `text_embeds`.
+        attention_mask (`torch.LongTensor`, *optional*): the tokens' attention mask, shaped as `input_ids`.
+        text_embeds (`torch.FloatTensor` of shape `(num_classes, projection_dim)` or `(batch_size, num_classes, projection_dim)`, *optional*):
+            L2-normalised class embeddings, instead of `input_ids`.
+        pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            1 on real pixels, 0 on padding; used by the ensemble to find proposals with no pixel in the image.
+        image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+            Unpadded (height, width) of each image, passed through to post-processing.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class indices per pixel, `config.ignore_index` where unlabelled; the loss of `config.training_stage` is returned.
+        seen_classes (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
+            Which classes the proposal generator saw in training (for the ensemble; default: none).
+        """
+        if clip_pixel_values is None:
+            raise ValueError("`clip_pixel_values` is required: pass the output of `MaftProcessor` (or `MaftImageProcessor`).")
+        if pixel_values.dim() != 4 or clip_pixel_values.dim() != 4 or pixel_values.shape[0] != clip_pixel_values.shape[0]:
+            raise ValueError(
+                f"`pixel_values` {tuple(pixel_values.shape)} and `clip_pixel_values` {tuple(clip_pixel_values.shape)} must both "
+                "be (batch_size, 3, height, width) with the same batch size."
+            )
+        text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
+        if self.config.training_stage == "maft" or not self.training:
+            with torch.no_grad():
+                predictions = self.propose(pixel_values, text_embeds)
+        else:
+            predictions = self.propose(pixel_values, text_embeds)
+        final = predictions[-1]
+
+        # IP-CLIP sees the sigmoid masks at the padded input size, as the original.
+        proposal_masks = F.interpolate(
+            final["masks_queries_logits"].detach(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=True
+        ).sigmoid()
+        proposal_embeds = self.ip_clip(clip_pixel_values, mask_proposals=proposal_masks, interpolate_pos_encoding=True).proposal_embeds
+        clip_class_logits = self.class_logits(proposal_embeds, text_embeds)
+        class_queries_logits = self._ensemble(final["class_queries_logits"], clip_class_logits, proposal_masks, pixel_mask, seen_classes)
+
+        loss, loss_dict = None, None
+        if labels is not None:
+            if self.config.training_stage != "maft":
+                raise NotImplementedError("Training the proposal generator (training_stage='proposals') is not available yet.")
+            loss_dict = self._mask_aware_losses(clip_class_logits, proposal_masks, labels, clip_pixel_values, text_embeds)
+            loss = sum(loss_dict.values())
+        return MaftModelOutput(
+            loss=loss,
+            class_queries_logits=class_queries_logits,
+            masks_queries_logits=final["masks_queries_logits"],
+            proposal_class_logits=final["class_queries_logits"],
+            clip_class_logits=clip_class_logits,
+            text_embeds=text_embeds,
+            proposal_embeds=F.normalize(proposal_embeds, dim=-1),
+            image_sizes=image_sizes,
+            auxiliary_logits=[
+                {"class_queries_logits": prediction["class_queries_logits"], "masks_queries_logits": prediction["masks_queries_logits"]}
+                for prediction in predictions[:-1]
+            ],
+            loss_dict=loss_dict,
+        )
+
+    def _class_text_embeddings(self, input_ids, attention_mask, text_embeds, batch_size: int) -> torch.Tensor:
+        """(batch_size, num_classes, projection_dim) from token ids or given embeddings, shared or per image."""
+        if (input_ids is None) == (text_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` (class names in prompt templates) and `text_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() not in (3, 4):
+                raise ValueError(
+                    "`input_ids` must be (num_classes, num_templates, length) or (batch_size, num_classes, num_templates, "
+                    f"length), got {tuple(input_ids.shape)}: tokenise the class names with `MaftProcessor`."
+                )
+            if input_ids.shape[-2] != len(self.config.prompt_templates):
+                raise ValueError(
+                    f"`input_ids` holds {input_ids.shape[-2]} prompts per class but the model was configured with "
+                    f"{len(self.config.prompt_templates)} prompt templates."
+                )
+            text_embeds = self.get_text_embeddings(input_ids, attention_mask)
+        if text_embeds.dim() == 2:
+            text_embeds = text_embeds[None].expand(batch_size, -1, -1)
+        if text_embeds.dim() != 3 or text_embeds.shape[0] != batch_size or text_embeds.shape[1] == 0:
+            raise ValueError(
+                f"The class embeddings must be (num_classes, dim) or ({batch_size}, num_classes, dim) with at least one class, "
+                f"got {tuple(text_embeds.shape)}."
+            )
+        return text_embeds
+
+    def _ensemble(self, proposal_class_logits, clip_class_logits, proposal_masks, pixel_mask, seen_classes) -> torch.Tensor:
+        """
+        The final class logits (B, Q, C + 1), such that `softmax(...)[..., :-1]` are the class scores. With
+        `ensemble_weight` 0 these are IP-CLIP's; otherwise `p_in^w * p_clip^(1-w)` for seen classes and
+        `p_in^(1-w) * p_clip^w` for unseen ones, where a proposal with no pixel >= 0.5 in the image keeps p_clip = 1
+        (as the original). Both use cosine logits (the original softmaxed raw embeddings here: a bug).
+        """
+        num_classes = clip_class_logits.shape[-1] - 1
+        no_object = clip_class_logits.new_full((*clip_class_logits.shape[:-1], 1), float("-inf"))
+        if self.config.ensemble_weight == 0:
+            return torch.cat([clip_class_logits[..., :-1], no_object], dim=-1)
+        weight = self.config.ensemble_weight
+        in_vocabulary = proposal_class_logits.softmax(dim=-1)[..., :-1]
+        clip_scores = clip_class_logits[..., :-1].softmax(dim=-1)
+        covered = proposal_masks > 0.5
+        if pixel_mask is not None:
+            covered = covered & pixel_mask[:, None].bool()
+        has_pixels = covered.flatten(2).any(dim=-1)
+        clip_scores = torch.where(has_pixels[..., None], clip_scores, torch.ones_like(clip_scores))
+        if seen_classes is None:
+            seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=clip_scores.device)
+        seen = seen_classes.to(clip_scores.device)[None, None]
+        scores = torch.where(
+            seen,
+            in_vocabulary**weight * clip_scores ** (1 - weight),
+            in_vocabulary ** (1 - weight) * clip_scores**weight,
+        )
+        # softmax(log p, log(1 - sum p)) = p where sum p <= 1; otherwise the scores are renormalised.
+        remainder = (1 - scores.sum(dim=-1, keepdim=True)).clamp_min(torch.finfo(scores.dtype).tiny)
+        return torch.cat([scores.clamp_min(torch.finfo(scores.dtype).tiny), remainder], dim=-1).log()
+
+    def _mask_aware_losses(self, clip_class_logits, proposal_masks, labels, clip_pixel_values, text_embeds) -> dict[str, torch.Tensor]:
+        """MAFT's stage-2 losses (DESIGN.md §4), weighted by the config."""
+        if labels.shape[-2:] != proposal_masks.shape[-2:]:
+            raise ValueError(
+                f"`labels` {tuple(labels.shape)} must have the padded image size {tuple(proposal_masks.shape[-2:])}."
+            )
+        probabilities = clip_class_logits[..., :-1].softmax(dim=-1)
+        losses = {
+            "mask_aware_loss": self.config.mask_aware_loss_weight
+            * mask_aware_loss(probabilities, proposal_masks, labels, self.config.ignore_index)
+        }
+        if self.config.distillation_loss_weight > 0:
+            if self.distillation_teacher is None:
+                raise ValueError("The distillation loss needs `config.use_distillation_teacher=True` (the frozen CLIP image tower).")
+            student = self.ip_clip(clip_pixel_values, interpolate_pos_encoding=True).image_embeds
+            with torch.no_grad():
+                teacher = self.distillation_teacher(clip_pixel_values, interpolate_pos_encoding=True).image_embeds
+            losses["distillation_loss"] = self.config.distillation_loss_weight * distillation_loss(
+                self.class_logits(student[:, None], text_embeds)[:, 0, :-1],
+                self.class_logits(teacher[:, None], text_embeds)[:, 0, :-1],
+            )
+        return losses
+
+    def apply_mask_aware_finetuning_recipe(self) -> list[str]:
+        """Freezes everything but what stage 2 fine-tunes in IP-CLIP (DESIGN.md §4); returns the trainable names."""
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return [f"ip_clip.{name}" for name in self.ip_clip.apply_mask_aware_finetuning_recipe()]
+
+
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
 
 
-__all__ = ["MaftClipVisionModel", "MaftClipVisionModelOutput", "distillation_loss", "mask_aware_loss", "proposal_attention"]
+register_checkpoint_conversion_mapping("MaftModel", [])
+
+__all__ = [
+    "MaftClipVisionModel",
+    "MaftClipVisionModelOutput",
+    "MaftModel",
+    "MaftModelOutput",
+    "MaftPreTrainedModel",
+    "distillation_loss",
+    "mask_aware_loss",
+    "proposal_attention",
+]
