@@ -1,9 +1,67 @@
 """The `maft` command line."""
 
 import argparse
+import json
 import sys
+from importlib import resources
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+
+DEFAULT_MODEL = "pretrained/maft-mini"
+
+
+def default_model_path() -> Path:
+    """The model bundled with the package, used when no `--model` is given."""
+    path = Path(str(resources.files("maft").joinpath(DEFAULT_MODEL)))
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"maft: this installation has no bundled default model at {path}; pass --model DIR_OR_HUB_ID")
+    return path
+
+
+def parse_labels(text: str) -> list[str]:
+    """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
+    labels = [label.strip() for label in text.split(",")]
+    if not all(labels):
+        raise argparse.ArgumentTypeError(f"--labels must be a comma-separated list of non-empty class names, got {text!r}")
+    return labels
+
+
+def segment(arguments: argparse.Namespace) -> int:
+    """Segments each image into the given classes and writes an overlay, the label map and class fractions."""
+    from PIL import Image
+
+    from maft import MaftModel, MaftProcessor
+    from maft.visualization import class_fractions, label_map_image, render_overlay
+
+    model_path = arguments.model or default_model_path()
+    processor = MaftProcessor.from_pretrained(model_path)
+    model = MaftModel.from_pretrained(model_path).to(arguments.device).eval()
+    arguments.output.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for image_path in tqdm(arguments.images, desc="segmenting", unit="image"):
+        try:
+            with Image.open(image_path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            failures += 1
+            tqdm.write(f"maft: skipped {image_path}: {error}", file=sys.stderr)
+            continue
+        inputs = processor(images=image, text=arguments.labels, return_tensors="pt").to(arguments.device)
+        with torch.inference_mode():
+            outputs = model(**inputs)
+        label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+        label_map = label_map.cpu().numpy()
+        stem = arguments.output / Path(image_path).stem
+        render_overlay(image, label_map, arguments.labels).save(f"{stem}_overlay.png")
+        label_map_image(label_map).save(f"{stem}_labels.png")
+        fractions = {"image": str(image_path), "labels": arguments.labels, "fractions": class_fractions(label_map, arguments.labels)}
+        Path(f"{stem}.json").write_text(json.dumps(fractions, indent=2))
+    done = len(arguments.images) - failures
+    print(f"segmented {done} of {len(arguments.images)} images into {arguments.output}")
+    return 1 if failures else 0
 
 
 def ipclip_example(arguments: argparse.Namespace) -> int:
@@ -49,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     example = commands.add_parser("ipclip-example", help="run IP-CLIP on four quadrant masks of an image")
     example.add_argument("--model", help="a CLIP checkpoint (directory or Hub id); default: a random tiny model")
     example.set_defaults(handler=ipclip_example)
+
+    segmenter = commands.add_parser("segment", help="segment images into any list of class names")
+    segmenter.add_argument("images", nargs="+", help="image files")
+    segmenter.add_argument("--labels", required=True, type=parse_labels, help='class names, e.g. "cat, sofa, wall"')
+    segmenter.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
+    segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
+    segmenter.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    segmenter.set_defaults(handler=segment)
     return parser
 
 

@@ -182,8 +182,9 @@ class MaftConfig(PreTrainedConfig):
         Width of the transformer decoder.
     num_queries (`int`, *optional*, defaults to 100):
         Number of mask proposals.
-    decoder_layers (`int`, *optional*, defaults to 9):
-        Masked-attention decoder layers (each followed by a prediction; one more prediction comes before them).
+    decoder_layers (`int`, *optional*, defaults to 10):
+        Masked-attention decoder layers, each followed by a prediction (one more prediction comes before them). The
+        released models have 10: the original builds as many layers as its `DEC_LAYERS`.
     decoder_attention_heads (`int`, *optional*, defaults to 8), decoder_feedforward_dim (`int`, *optional*, defaults to 2048):
         Heads and feed-forward width of the decoder layers.
     class_embed_hidden_dim (`int`, *optional*, defaults to 1024):
@@ -238,7 +239,7 @@ class MaftConfig(PreTrainedConfig):
     context_dropout: float = 0.1
     hidden_dim: int = 256
     num_queries: int = 100
-    decoder_layers: int = 9
+    decoder_layers: int = 10
     decoder_attention_heads: int = 8
     decoder_feedforward_dim: int = 2048
     class_embed_hidden_dim: int = 1024

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
 from transformers.backbone_utils import load_backbone
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -823,6 +823,33 @@ class MaftModel(MaftPreTrainedModel):
         self.distillation_teacher = MaftClipVisionModel(config.vision_config) if config.use_distillation_teacher else None
         self.class_embedding_cache = ClassEmbeddingCache()
         self.post_init()
+
+    @classmethod
+    def from_clip_pretrained(cls, clip_name_or_path: str, **config_kwargs) -> "MaftModel":
+        """
+        A MaftModel whose text encoder, IP-CLIP and distillation teacher come from a CLIP checkpoint (a `CLIPModel`
+        directory or Hub id, e.g. "openai/clip-vit-base-patch16") and whose proposal generator is freshly initialised:
+        the starting point for training. `config_kwargs` set the other `MaftConfig` attributes.
+        """
+        clip_config = CLIPConfig.from_pretrained(clip_name_or_path)
+        # A CLIPModel keeps the projection size at its top level, not in its text config.
+        text_config = clip_config.text_config
+        text_config.projection_dim = clip_config.projection_dim
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(clip_name_or_path, config=text_config)
+        vision_kwargs = {key: config_kwargs.pop(key) for key in ("mask_start_layer", "mask_threshold") if key in config_kwargs}
+        ip_clip = MaftClipVisionModel.from_pretrained(clip_name_or_path, **vision_kwargs)
+        config = MaftConfig(
+            text_config=text_encoder.config.to_dict(),
+            vision_config=ip_clip.config.to_dict(),
+            projection_dim=ip_clip.config.projection_dim,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.text_encoder.load_state_dict(text_encoder.state_dict())
+        model.ip_clip.load_state_dict(ip_clip.state_dict())
+        if model.distillation_teacher is not None:
+            model.distillation_teacher.load_state_dict(ip_clip.state_dict())
+        return model
 
     def train(self, mode: bool = True) -> "MaftModel":
         """Sets the training mode, keeping in eval mode what the current `training_stage` freezes."""

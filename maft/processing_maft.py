@@ -175,7 +175,7 @@ class MaftImageProcessor(BaseImageProcessor):
         def normalise_and_pad(mean: list[float], std: list[float]) -> torch.Tensor:
             batch = torch.zeros(len(arrays), 3, padded_height, padded_width)
             for index, array in enumerate(arrays):
-                image = torch.from_numpy(array).permute(2, 0, 1).float()
+                image = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)
                 mean_tensor, std_tensor = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
                 batch[index, :, : array.shape[0], : array.shape[1]] = (image - mean_tensor) / std_tensor
             return batch

@@ -1,7 +1,12 @@
 """The `maft` command line."""
 
+import json
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from maft.cli import main
 
@@ -21,3 +26,39 @@ def test_console_script_rejects_unknown_commands():
     result = subprocess.run([sys.executable, "-m", "maft.cli", "no-such-command"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_segment_writes_overlay_label_map_and_fractions_and_reports_bad_images(tmp_path, capsys):
+    from test_modeling import random_image, tiny_model, tiny_processor
+
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    good = tmp_path / "street.png"
+    random_image(70, 50).save(good)
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"not a png")
+    output = tmp_path / "out"
+
+    exit_code = main(["segment", str(good), str(corrupt), "--labels", "cat, sofa, wall", "--model", str(model_dir), "--output", str(output)])
+
+    assert exit_code == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.png" in captured.err
+    assert "segmented 1 of 2 images" in captured.out
+    overlay = Image.open(output / "street_overlay.png")
+    assert overlay.height == 50 and overlay.width > 70  # the image plus its legend
+    label_map = np.asarray(Image.open(output / "street_labels.png"))
+    assert label_map.shape == (50, 70) and label_map.max() < 3
+    summary = json.loads((output / "street.json").read_text())
+    assert summary["labels"] == ["cat", "sofa", "wall"]
+    assert abs(sum(summary["fractions"].values()) - 1.0) < 1e-5
+    for name, fraction in summary["fractions"].items():
+        assert abs(fraction - (label_map == summary["labels"].index(name)).mean()) < 1e-5
+    assert not (output / "broken_overlay.png").exists()
+
+
+def test_segment_rejects_empty_labels(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "cat,,dog"])
+    assert "comma-separated list of non-empty class names" in capsys.readouterr().err

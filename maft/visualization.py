@@ -1,0 +1,52 @@
+"""Rendering of segmentations: colour overlays with a legend, label-map images and per-class statistics."""
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """Distinct, deterministic RGB colours (num_classes, 3) uint8: hues spaced by the golden angle."""
+    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
+    colours = [colorsys.hsv_to_rgb(hue, 0.75 if index % 2 else 0.95, 0.95 if index % 3 else 0.8) for index, hue in enumerate(hues)]
+    return (np.array(colours).reshape(num_classes, 3) * 255).round().astype(np.uint8)
+
+
+def render_overlay(image: Image.Image, label_map: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
+    """The image with each pixel tinted by its class colour, and a legend of the classes present, by area."""
+    if label_map.shape != (image.height, image.width):
+        raise ValueError(f"label map {label_map.shape} does not match the image size {(image.height, image.width)}")
+    palette = class_palette(len(class_names))
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * rgb + alpha * palette[label_map].astype(np.float32)
+    overlay = Image.fromarray(blended.round().astype(np.uint8))
+
+    counts = np.bincount(label_map.ravel(), minlength=len(class_names))
+    present = [index for index in np.argsort(-counts) if counts[index] > 0]
+    font = ImageFont.load_default()
+    row_height, swatch, padding = 16, 12, 6
+    legend_width = padding * 3 + swatch + max(int(font.getlength(class_names[index])) for index in present)
+    canvas = Image.new("RGB", (overlay.width + legend_width, max(overlay.height, padding * 2 + row_height * len(present))), "white")
+    canvas.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, index in enumerate(present):
+        top = padding + row * row_height
+        left = overlay.width + padding
+        draw.rectangle([left, top, left + swatch, top + swatch], fill=tuple(int(value) for value in palette[index]))
+        draw.text((left + swatch + padding, top), class_names[index], fill="black", font=font)
+    return canvas
+
+
+def label_map_image(label_map: np.ndarray) -> Image.Image:
+    """A lossless image of class indices: 8-bit for up to 256 classes, 16-bit beyond."""
+    if label_map.max(initial=0) < 256:
+        return Image.fromarray(label_map.astype(np.uint8), mode="L")
+    return Image.fromarray(label_map.astype(np.uint16), mode="I;16")
+
+
+def class_fractions(label_map: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Fraction of the image's pixels assigned to each class, largest first; classes absent are left out."""
+    counts = np.bincount(label_map.ravel(), minlength=len(class_names))
+    order = np.argsort(-counts, kind="stable")
+    return {class_names[index]: round(float(counts[index]) / label_map.size, 6) for index in order if counts[index] > 0}
