@@ -22,6 +22,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
+from common import peak_memory_mib  # noqa: E402
+
 METHODS = {
     "ipclip": "IP-CLIP (ours: split attention)",
     "dense": "dense (Q+L)^2 attention mask",
@@ -70,26 +72,6 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_peak_memory(run, device: str) -> float:
-    """Peak memory (MiB) that one call allocates on top of what it starts with: torch's peak allocation on CUDA; on
-    CPU the maximum of the running sum of the allocations and frees the profiler records."""
-    with torch.inference_mode():
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            allocated_before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-            run()
-    events = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events() if event.name() == "[memory]")
-    allocated = peak = 0
-    for _, nbytes in events:
-        allocated += nbytes
-        peak = max(peak, allocated)
-    return peak / 2**20
-
-
 def measure_seconds(model, num_proposals: int, repeats: int, device: str) -> dict[str, float]:
     """Median time per call of each method, timed in interleaved rounds so that machine drift hits all alike."""
     runs = proposal_embedders(model, torch.randn(1, 3, 480, 480, device=device), random_blob_masks(num_proposals).to(device))
@@ -124,7 +106,7 @@ def main() -> None:
         seconds = measure_seconds(model, num_proposals, arguments.repeats, arguments.device)
         inputs = torch.randn(1, 3, 480, 480, device=arguments.device), random_blob_masks(num_proposals).to(arguments.device)
         for method, run in proposal_embedders(model, *inputs).items():
-            peak = measure_peak_memory(run, arguments.device)
+            peak = peak_memory_mib(run, arguments.device)
             rows.append({"method": method, "num_proposals": num_proposals, "seconds": seconds[method], "peak_memory_mib": peak})
             print(f"  Q={num_proposals:<4} {METHODS[method]:<34} {seconds[method]:8.3f} s {peak:8.0f} MiB", file=sys.stderr, flush=True)
 

@@ -1,0 +1,25 @@
+"""Measurements shared by the benchmarks."""
+
+import torch
+
+
+def peak_memory_mib(run, device: str) -> float:
+    """Peak memory (MiB) that one call of `run` allocates on top of what it starts with: torch's peak allocation on
+    CUDA; on CPU the maximum of the running sum of the allocations and frees that the profiler records."""
+    with torch.inference_mode():
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            allocated_before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            run()
+    events = sorted(
+        (event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events() if event.name() == "[memory]"
+    )
+    allocated = peak = 0
+    for _, nbytes in events:
+        allocated += nbytes
+        peak = max(peak, allocated)
+    return peak / 2**20
