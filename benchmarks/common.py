@@ -1,12 +1,15 @@
 """Measurements shared by the benchmarks."""
 
+import contextlib
+
 import torch
 
 
-def peak_memory_mib(run, device: str) -> float:
+def peak_memory_mib(run, device: str, inference: bool = True) -> float:
     """Peak memory (MiB) that one call of `run` allocates on top of what it starts with: torch's peak allocation on
-    CUDA; on CPU the maximum of the running sum of the allocations and frees that the profiler records."""
-    with torch.inference_mode():
+    CUDA; on CPU the maximum of the running sum of the allocations and frees that the profiler records. `run` is
+    called in inference mode unless `inference=False` (for a backward pass)."""
+    with torch.inference_mode() if inference else contextlib.nullcontext():
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             allocated_before = torch.cuda.memory_allocated()
