@@ -270,3 +270,18 @@ def test_config_validation():
         tiny_config(prompt_templates=["no placeholder"])
     large = MaftConfig.vit_large_patch14()
     assert large.vision_config.mask_start_layer == 16 and large.projection_dim == 768
+
+
+def test_any_transformers_backbone_can_replace_the_deeplab_resnet(tmp_path):
+    resnet = dict(model_type="resnet", embedding_size=16, hidden_sizes=[32, 32, 32, 32], depths=[1, 1, 1, 1],
+                  out_features=["stage1", "stage2", "stage3", "stage4"])
+    model, processor = tiny_model(backbone_config=resnet), tiny_processor()
+    assert type(model.backbone.model).__name__ == "ResNetBackbone"
+    inputs = processor(images=random_image(64, 64), text=["cat", "dog"])
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.masks_queries_logits.shape == (1, 5, 16, 16)
+    model.save_pretrained(tmp_path)
+    assert MaftModel.from_pretrained(tmp_path).config.backbone_config.model_type == "resnet"
+    with pytest.raises(ValueError, match="four feature maps"):
+        tiny_model(backbone_config={**resnet, "out_features": ["stage3", "stage4"]})
