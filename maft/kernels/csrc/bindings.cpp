@@ -4,7 +4,7 @@
 #include "ms_deform_attn.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "ms_deform_attn_cuda.h"
 #endif
@@ -31,7 +31,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& shapes, const at::
   auto output = at::zeros({d.batch, d.queries, d.heads * d.channels}, value.options().dtype(at::kFloat));
   ms_deform_attn_cuda_forward(cuda_dtype(value), value.data_ptr(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                               locations.data_ptr(), attention.data_ptr(), output.data_ptr<float>(), d,
-                              at::cuda::getCurrentCUDAStream().stream());
+                              c10::cuda::getCurrentCUDAStream().stream());
   return output.to(value.scalar_type());
 #else
   TORCH_CHECK(false, "this build of the multi-scale deformable attention extension has no CUDA kernel");
@@ -50,7 +50,7 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& shap
   ms_deform_attn_cuda_backward(cuda_dtype(value), value.data_ptr(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                                locations.data_ptr(), attention.data_ptr(), grad_output.data_ptr(),
                                grad_value.data_ptr<float>(), grad_locations.data_ptr<float>(),
-                               grad_attention.data_ptr<float>(), d, at::cuda::getCurrentCUDAStream().stream());
+                               grad_attention.data_ptr<float>(), d, c10::cuda::getCurrentCUDAStream().stream());
   return {grad_value.to(value.scalar_type()), grad_locations.to(value.scalar_type()), grad_attention.to(value.scalar_type())};
 #else
   TORCH_CHECK(false, "this build of the multi-scale deformable attention extension has no CUDA kernel");
