@@ -24,11 +24,18 @@ def convert_openai_clip_transformer_block(
     return converted
 
 
-def count_transformer_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    """Number of `{prefix}transformer.resblocks.N.` blocks."""
+def convert_openai_clip_transformer(
+    state_dict: dict[str, torch.Tensor], prefix: str, target_prefix: str
+) -> dict[str, torch.Tensor]:
+    """Every `{prefix}transformer.resblocks.N.` block -> `{target_prefix}N.` in transformers' layout."""
     block_prefix = f"{prefix}transformer.resblocks."
     indices = {int(key[len(block_prefix) :].split(".")[0]) for key in state_dict if key.startswith(block_prefix)}
-    return max(indices) + 1 if indices else 0
+    converted = {}
+    for index in sorted(indices):
+        converted.update(
+            convert_openai_clip_transformer_block(state_dict, f"{block_prefix}{index}.", f"{target_prefix}{index}.")
+        )
+    return converted
 
 
 def convert_openai_clip_vision(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -43,13 +50,7 @@ def convert_openai_clip_vision(state_dict: dict[str, torch.Tensor], prefix: str)
         "post_layernorm.bias": state_dict[f"{prefix}ln_post.bias"],
         "visual_projection.weight": state_dict[f"{prefix}proj"].t(),
     }
-    for index in range(count_transformer_blocks(state_dict, prefix)):
-        converted.update(
-            convert_openai_clip_transformer_block(
-                state_dict, f"{prefix}transformer.resblocks.{index}.", f"encoder.layers.{index}."
-            )
-        )
-    return converted
+    return converted | convert_openai_clip_transformer(state_dict, prefix, "encoder.layers.")
 
 
 def convert_openai_clip_text(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -61,10 +62,4 @@ def convert_openai_clip_text(state_dict: dict[str, torch.Tensor], prefix: str) -
         "text_model.final_layer_norm.bias": state_dict[f"{prefix}ln_final.bias"],
         "text_projection.weight": state_dict[f"{prefix}text_projection"].t(),
     }
-    for index in range(count_transformer_blocks(state_dict, prefix)):
-        converted.update(
-            convert_openai_clip_transformer_block(
-                state_dict, f"{prefix}transformer.resblocks.{index}.", f"text_model.encoder.layers.{index}."
-            )
-        )
-    return converted
+    return converted | convert_openai_clip_transformer(state_dict, prefix, "text_model.encoder.layers.")
