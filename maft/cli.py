@@ -101,6 +101,31 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(arguments: argparse.Namespace) -> int:
+    """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
+    from datasets import load_from_disk
+
+    from maft import MaftModel, MaftProcessor
+    from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
+
+    dataset = load_from_disk(arguments.train_dataset)
+    class_names = parse_labels(arguments.class_names)
+    recipe = {
+        key: getattr(arguments, key)
+        for key in MaftTrainingArguments.__dataclass_fields__
+        if getattr(arguments, key, None) is not None
+    }
+    training_arguments = MaftTrainingArguments(**recipe)
+    model = MaftModel.from_pretrained(arguments.init_from)
+    processor = MaftProcessor.from_pretrained(arguments.init_from)
+    collator = MaftTrainingCollator(processor, class_names, image_column=arguments.image_column, label_column=arguments.label_column)
+    trained = train(model, processor, dataset, collator, training_arguments)
+    trained.save_pretrained(arguments.output_dir)
+    processor.save_pretrained(arguments.output_dir)
+    print(f"trained {training_arguments.max_steps} steps; model saved to {arguments.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
     segmenter.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     segmenter.set_defaults(handler=segment)
+
+    trainer = commands.add_parser("train", help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
+    trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
+    trainer.add_argument("--train-dataset", required=True, help="a datasets dataset saved with save_to_disk")
+    trainer.add_argument("--class-names", required=True, help="the dataset's class names in label order, comma-separated")
+    trainer.add_argument("--image-column", default="image")
+    trainer.add_argument("--label-column", default="label")
+    trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
+    trainer.add_argument("--output-dir", required=True)
+    trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    trainer.add_argument("--push-to-hub", action="store_true")
+    trainer.add_argument("--hub-model-id")
+    for name, kind, help_text in (
+        ("max-steps", int, "default: 1000 (maft), 60000 (proposals)"),
+        ("learning-rate", float, "default: 1e-5 (maft), 1.5e-4 (proposals)"),
+        ("weight-decay", float, "default: 1e-4 (maft), 1.5e-4 (proposals); none on norms and embeddings"),
+        ("backbone-lr-multiplier", float, "default: 0.1"),
+        ("gradient-clip-norm", float, "over all parameters; default: 0.01"),
+        ("poly-power", float, "default: 0.9"),
+        ("per-device-batch-size", int, "default: 16"),
+        ("gradient-accumulation-steps", int, "default: 1"),
+        ("seed", int, "default: 123"),
+        ("save-steps", int, "checkpoint every N steps; default: 100"),
+        ("logging-steps", int, "default: 10"),
+    ):
+        trainer.add_argument(f"--{name}", type=kind, help=help_text)
+    trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    trainer.set_defaults(handler=train_command)
     return parser
 
 

@@ -62,3 +62,28 @@ def test_segment_rejects_empty_labels(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "x.png", "--labels", "cat,,dog"])
     assert "comma-separated list of non-empty class names" in capsys.readouterr().err
+
+
+def test_train_command_trains_and_saves(tmp_path, capsys):
+    from datasets import Dataset, Features, Image as ImageFeature
+
+    from test_modeling import tiny_model, tiny_processor
+    from test_training import CLASS_NAMES, synthetic_dataset
+
+    examples = synthetic_dataset()
+    dataset = Dataset.from_dict(
+        {"image": [example["image"] for example in examples],
+         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
+        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
+    )
+    dataset.save_to_disk(tmp_path / "data")
+    tiny_model().save_pretrained(tmp_path / "init")
+    tiny_processor().save_pretrained(tmp_path / "init")
+    exit_code = main([
+        "train", "--train-dataset", str(tmp_path / "data"), "--class-names", ", ".join(CLASS_NAMES),
+        "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),
+        "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "2", "--learning-rate", "1e-3",
+    ])
+    assert exit_code == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()

@@ -1,0 +1,126 @@
+"""Stage-2 training with the Accelerate loop on a tiny model and synthetic data."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from maft import MaftModel
+from maft.training import MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
+from maft.training import loop as train_module
+from test_modeling import random_image, tiny_model, tiny_processor
+
+
+CLASS_NAMES = ["cat", "dog", "sky"]
+
+
+def synthetic_dataset(size: int = 4) -> list[dict]:
+    examples = []
+    for index in range(size):
+        label = np.full((64, 64), 2, dtype=np.int64)
+        label[16:48, : 32 if index % 2 else 64] = index % 2
+        label[:4] = 255
+        examples.append({"image": random_image(64, 64, seed=index), "label": label})
+    return examples
+
+
+def run(tmp_path, model=None, **overrides):
+    arguments = MaftTrainingArguments(output_dir=str(tmp_path), per_device_batch_size=2, max_steps=4, save_steps=2,
+                                      learning_rate=1e-3, **overrides)
+    processor = tiny_processor()
+    model = model or tiny_model()
+    return train(model, processor, synthetic_dataset(), MaftTrainingCollator(processor, CLASS_NAMES), arguments)
+
+
+def test_loss_falls_and_exactly_the_recipe_changes(tmp_path):
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    processor = tiny_processor()
+    collator = MaftTrainingCollator(processor, CLASS_NAMES)
+    batch = collator(synthetic_dataset(2))
+    with torch.no_grad():
+        initial_loss = model(**batch).loss.item()
+    arguments = MaftTrainingArguments(output_dir=str(tmp_path), per_device_batch_size=2, max_steps=25, save_steps=25,
+                                      learning_rate=3e-3, gradient_clip_norm=1.0)
+    trained = train(model, processor, synthetic_dataset(2), collator, arguments)
+    trained.eval()
+    with torch.no_grad():
+        final_loss = trained(**batch).loss.item()
+    assert final_loss < 0.7 * initial_loss
+    recipe = {f"ip_clip.{name}" for name in trained.ip_clip.apply_mask_aware_finetuning_recipe()}
+    changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed and changed <= recipe
+    assert any(".self_attn." in name for name in changed) and "ip_clip.post_layernorm.weight" in changed
+
+
+def test_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkeypatch):
+    straight = run(tmp_path / "straight")
+    save = train_module.save_checkpoint
+
+    def save_then_stop(accelerator, model, processor, output_dir, step, publisher):
+        save(accelerator, model, processor, output_dir, step, publisher)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
+    resumed = run(tmp_path / "resumed", resume=True)
+    for (name, expected), (_, actual) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
+    assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2", "checkpoint-4"]
+    loaded = MaftModel.from_pretrained(tmp_path / "resumed" / "checkpoint-4" / "model")
+    torch.testing.assert_close(loaded.ip_clip.post_layernorm.weight, resumed.ip_clip.post_layernorm.weight)
+
+
+def test_a_partial_checkpoint_is_never_taken_as_complete(tmp_path):
+    (tmp_path / "checkpoint-6.partial").mkdir()
+    (tmp_path / "checkpoint-2").mkdir()
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_checkpoints_are_published_to_the_hub(tmp_path, hub_server):
+    run(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained")
+    files = hub_server.files("user/maft-trained")
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= set(files)
+    assert len(hub_server.repositories["user/maft-trained"].commits) == 3  # creation, step 2, step 4
+    assert isinstance(MaftModel.from_pretrained("user/maft-trained"), MaftModel)
+
+
+def test_a_dead_hub_does_not_stop_training(tmp_path, hub_server, caplog):
+    hub_server.stop()
+    with caplog.at_level(logging.WARNING, logger="maft.training"):
+        run(tmp_path, push_to_hub=True, hub_model_id="user/unreachable", hub_upload_retries=1)
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "model" / "model.safetensors").is_file()
+    assert "upload of" in caplog.text and "user/unreachable" in caplog.text
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="`stage` must be one of maft, proposals"):
+        MaftTrainingArguments(output_dir="x", stage="clip")
+    with pytest.raises(ValueError, match="needs `hub_model_id`"):
+        MaftTrainingArguments(output_dir="x", push_to_hub=True)
+    defaults = MaftTrainingArguments(output_dir="x")
+    assert (defaults.learning_rate, defaults.weight_decay, defaults.max_steps) == (1e-5, 1e-4, 1000)
+
+
+def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_path, hub_server):
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = tiny_model(), tiny_processor()
+    model.apply_mask_aware_finetuning_recipe()
+    before = model.ip_clip.post_layernorm.weight.clone()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
+        remove_unused_columns=False, use_cpu=True, push_to_hub=True, hub_model_id="user/maft-trainer", save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=synthetic_dataset(),
+                      data_collator=MaftTrainingCollator(processor, CLASS_NAMES))
+    result = trainer.train()
+    trainer.push_to_hub()
+    assert result.global_step == 2 and np.isfinite(result.training_loss)
+    assert not torch.equal(model.ip_clip.post_layernorm.weight, before)
+    assert "model.safetensors" in hub_server.files("user/maft-trainer")
