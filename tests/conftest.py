@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def hub_server(monkeypatch, tmp_path):
     """A local Hub on 127.0.0.1 that huggingface_hub and transformers talk to for the duration of the test."""
     from huggingface_hub import constants, hf_api
+    from transformers.utils import hub as transformers_hub
 
     from hub_server import LocalHubServer
 
@@ -26,6 +27,8 @@ def hub_server(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 2)
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
     monkeypatch.setattr(hf_api.api, "endpoint", server.endpoint)
+    # transformers keeps one HfApi, made with the endpoint of its first use: make it anew for this server.
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
     yield server
     server.stop()
     assert not server.unknown_requests, f"requests the local Hub does not serve: {server.unknown_requests}"
