@@ -126,6 +126,21 @@ def train_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def convert_command(arguments: argparse.Namespace) -> int:
+    """Converts an original MAFT checkpoint to a transformers-style folder (and optionally pushes it to the Hub)."""
+    from maft.convert_original_checkpoint import convert_original_checkpoint, write_converted_model
+
+    model = convert_original_checkpoint(arguments.checkpoint, arguments.original_config)
+    write_converted_model(model, arguments.output_dir)
+    if arguments.push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().create_repo(arguments.push_to_hub, exist_ok=True)
+        HfApi().upload_folder(folder_path=arguments.output_dir, repo_id=arguments.push_to_hub)
+    print(f"converted {arguments.checkpoint} -> {arguments.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         trainer.add_argument(f"--{name}", type=kind, help=help_text)
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trainer.set_defaults(handler=train_command)
+
+    converter = commands.add_parser("convert", help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")
+    converter.add_argument("--checkpoint", required=True)
+    converter.add_argument("--output-dir", required=True)
+    converter.add_argument("--original-config", help="the original YAML config, for values tensor shapes cannot tell")
+    converter.add_argument("--push-to-hub", metavar="ORG/NAME")
+    converter.set_defaults(handler=convert_command)
     return parser
 
 

@@ -1,11 +1,16 @@
 """Conversion of the original MAFT / FreeSeg checkpoints (detectron2 state dicts) to `MaftModel`."""
 
+import os
+import pickle
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from .configuration_maft import MaftConfig
 from .convert_openai_clip import convert_openai_clip_text, convert_openai_clip_vision
+from .modeling_maft import MaftModel
 
 
 # Original name (regex) -> ours, for the proposal generator. Checked in order; the first match wins.
@@ -87,22 +92,147 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return converted
 
 
-def convert_original_checkpoint(checkpoint, config=None):
-    """An original MAFT checkpoint (a state dict, or a path to a detectron2 `.pt`/`.pth` file) -> `MaftModel`.
+def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a detectron2 checkpoint file, read without executing arbitrary pickled code: only tensors,
+    containers, numbers and the numpy array reconstruction detectron2 files may hold are allowed."""
+    import numpy
 
-    `config` is the `MaftConfig` of the checkpoint (the ViT-B/16 defaults when None). Loads strictly."""
-    from .configuration_maft import MaftConfig
-    from .modeling_maft import MaftModel
+    # numpy 2 moved `numpy.core` to `numpy._core`; pickles written before name the old module.
+    core = numpy._core if hasattr(numpy, "_core") else numpy.core
+    reconstruct = core.multiarray._reconstruct
+    allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), numpy.ndarray, numpy.dtype, type(numpy.dtype("float32"))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects that a checkpoint of weights does not need, so it was not loaded "
+            f"(this protects against code hidden in pickles): {str(error).splitlines()[0]}"
+        ) from error
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} does not hold a state dict (or a dict with one under 'model').")
+    return {name: torch.as_tensor(value) for name, value in state_dict.items()}
 
-    if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        checkpoint = checkpoint.get("model", checkpoint)
-    state_dict = {key: value.float() if value.is_floating_point() else value for key, value in checkpoint.items()}
-    model = MaftModel(config or MaftConfig()).eval()
-    converted = convert_state_dict(state_dict)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+
+def _read_original_config(original_config: str | os.PathLike | None) -> dict:
+    """The detectron2 YAML config (a path, or the YAML text: several lines) as nested dicts; empty when not given."""
+    if original_config is None:
+        return {}
+    import yaml
+
+    is_text = isinstance(original_config, str) and "\n" in original_config
+    text = str(original_config) if is_text else Path(original_config).read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _lookup(config: dict, dotted: str, default):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _count(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of numbered children `{prefix}N.` in the state dict."""
+    return len({key[len(prefix) :].split(".")[0] for key in state_dict if key.startswith(prefix)})
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], original_config=None, **overrides) -> MaftConfig:
+    """
+    The `MaftConfig` of an original checkpoint: sizes from the tensors' shapes; head counts, sampling points and the
+    IP-CLIP start layer (which shapes cannot tell) from the original YAML config, else the published values.
+    """
+    yaml_config = _read_original_config(original_config)
+    shape = lambda key: tuple(state_dict[key].shape)  # noqa: E731
+    vision, text = "IPCLIP.", "clip_adapter.clip_model."
+    vision_width, vision_layers = shape(f"{vision}conv1.weight")[0], _count(state_dict, f"{vision}transformer.resblocks.")
+    patch_size = shape(f"{vision}conv1.weight")[-1]
+    text_width = shape(f"{text}ln_final.weight")[0]
+    projection_dim = shape(f"{vision}proj")[1]
+    published_start_layer = 2 * vision_layers // 3  # 8 of 12 for ViT-B/16, 16 of 24 for ViT-L/14
+    values = dict(
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=shape(f"{vision}transformer.resblocks.0.mlp.c_fc.weight")[0],
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_width // 64 if vision_width >= 64 else 1,
+            patch_size=patch_size,
+            image_size=round((shape(f"{vision}positional_embedding")[0] - 1) ** 0.5) * patch_size,
+            projection_dim=projection_dim,
+            mask_start_layer=int(_lookup(yaml_config, "MODEL.START_LAYERS", published_start_layer)),
+        ),
+        text_config=dict(
+            hidden_size=text_width,
+            intermediate_size=shape(f"{text}transformer.resblocks.0.mlp.c_fc.weight")[0],
+            num_hidden_layers=_count(state_dict, f"{text}transformer.resblocks."),
+            num_attention_heads=max(text_width // 64, 1),
+            vocab_size=shape(f"{text}token_embedding.weight")[0],
+            max_position_embeddings=shape(f"{text}positional_embedding")[0],
+            projection_dim=projection_dim,
+        ),
+        backbone_config=dict(
+            model_type="maft_deeplab_resnet",
+            depths=[_count(state_dict, f"backbone.res{stage}.") for stage in range(2, 6)],
+            stem_out_channels=shape("backbone.stem.conv3.weight")[0],
+            res2_out_channels=shape("backbone.res2.0.conv3.weight")[0],
+            width_per_group=shape("backbone.res2.0.conv1.weight")[0],
+            res5_multi_grid=list(_lookup(yaml_config, "MODEL.RESNETS.RES5_MULTI_GRID", [1, 2, 4])),
+        ),
+        feature_size=shape("sem_seg_head.pixel_decoder.input_proj.0.0.weight")[0],
+        mask_feature_size=shape("sem_seg_head.pixel_decoder.mask_features.weight")[0],
+        encoder_layers=_count(state_dict, "sem_seg_head.pixel_decoder.transformer.encoder.layers."),
+        encoder_feedforward_dim=shape("sem_seg_head.pixel_decoder.transformer.encoder.layers.0.linear1.weight")[0],
+        encoder_attention_heads=int(_lookup(yaml_config, "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", 8)),
+        encoder_num_points=int(_lookup(yaml_config, "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS", 4)),
+        context_attention_dim=shape("sem_seg_head.interaction.attn.q_proj.weight")[0],
+        context_attention_heads=int(_lookup(yaml_config, "MODEL.SEM_SEG_HEAD.NUM_HEADS", 8)),
+        hidden_dim=shape("sem_seg_head.predictor.query_feat.weight")[1],
+        num_queries=shape("sem_seg_head.predictor.query_feat.weight")[0],
+        decoder_layers=_count(state_dict, "sem_seg_head.predictor.transformer_cross_attention_layers."),
+        decoder_attention_heads=int(_lookup(yaml_config, "MODEL.MASK_FORMER.NHEADS", 8)),
+        decoder_feedforward_dim=shape("sem_seg_head.predictor.transformer_ffn_layers.0.linear1.weight")[0],
+        class_embed_hidden_dim=shape("sem_seg_head.predictor.class_embed.layers.0.weight")[0],
+        projection_dim=projection_dim,
+        ensemble_weight=float(_lookup(yaml_config, "MODEL.CLIP_ADAPTER.CLIP_ENSEMBLE_WEIGHT", 0.0)),
+    )
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return MaftConfig(**values)
+
+
+def convert_original_checkpoint(checkpoint, original_config=None, **config_overrides) -> MaftModel:
+    """
+    An original MAFT checkpoint -> `MaftModel`, loaded strictly. `checkpoint`: a state dict or a detectron2 `.pt`/`.pth`
+    path (read safely); `original_config`: the original YAML config (path or text), for what shapes cannot tell;
+    `config_overrides`: `MaftConfig` values to set explicitly.
+    """
+    state_dict = checkpoint if isinstance(checkpoint, dict) else load_original_checkpoint(checkpoint)
+    state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    config = config_from_state_dict(state_dict, original_config, **config_overrides)
+    model = MaftModel(config).eval()
+    missing, unexpected = model.load_state_dict(convert_state_dict(state_dict), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"The converted checkpoint does not fit the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}."
         )
     return model
+
+
+def write_converted_model(model: MaftModel, output_dir: str | os.PathLike) -> None:
+    """`save_pretrained` of the model and of a processor with CLIP's tokenizer and the model's prompt templates."""
+    from .clip_tokenizer import load_clip_tokenizer
+    from .processing_maft import MaftImageProcessor, MaftProcessor
+
+    model.save_pretrained(output_dir)
+    processor = MaftProcessor(
+        MaftImageProcessor(clip_image_size=model.config.clip_image_size),
+        load_clip_tokenizer(model.config.text_config.max_position_embeddings),
+        prompt_templates=list(model.config.prompt_templates),
+    )
+    processor.save_pretrained(output_dir)

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from golden import golden_config, golden_state_dict, golden_tensors, relative_error
-from maft import MaftConfig, MaftImageProcessor, MaftModel, convert_original_checkpoint
+from maft import MaftImageProcessor, MaftModel, convert_original_checkpoint
 
 
 def golden_image_processor() -> MaftImageProcessor:
@@ -22,33 +22,37 @@ def golden_image_processor() -> MaftImageProcessor:
 
 @functools.cache
 def golden_model() -> MaftModel:
-    """The golden configuration (its README): DeepLab ResNet-50 (stem 16, res2 32, width 8), 32-wide heads, a 4-layer
-    decoder, a 64-wide 2-layer text tower and a 128-wide 6-layer image tower with embed dim 32."""
-    config = MaftConfig(
-        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                         vocab_size=49408, max_position_embeddings=77, projection_dim=32),
-        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2, image_size=64,
-                           patch_size=16, projection_dim=32, mask_start_layer=golden_config()["ipclip_start_layer"]),
-        backbone_config=dict(model_type="maft_deeplab_resnet", depths=[3, 4, 6, 3], stem_out_channels=16,
-                             res2_out_channels=32, width_per_group=8),
-        feature_size=32, mask_feature_size=32, encoder_layers=2, context_attention_dim=64, hidden_dim=32,
-        decoder_layers=4, decoder_feedforward_dim=64, class_embed_hidden_dim=64, projection_dim=32,
+    """Converted with the configuration derived from the tensors and the golden run's YAML. The original ignores the
+    YAML's IP-CLIP start layer (the golden run set it on the module), so that one value is given."""
+    return convert_original_checkpoint(
+        golden_state_dict(),
+        golden_config()["config"],
+        vision_config={"mask_start_layer": golden_config()["ipclip_start_layer"]},
         deformable_attention_backend="pytorch",
     )
-    return convert_original_checkpoint(golden_state_dict(), config)
+
+
+def test_configuration_is_derived_from_the_checkpoint_and_its_yaml():
+    config = golden_model().config
+    assert config.backbone_config.depths == [3, 4, 6, 3] and config.backbone_config.stem_out_channels == 16
+    assert (config.feature_size, config.encoder_layers, config.hidden_dim, config.decoder_layers) == (32, 2, 32, 4)
+    assert (config.context_attention_dim, config.class_embed_hidden_dim, config.projection_dim) == (64, 64, 32)
+    assert (config.vision_config.hidden_size, config.vision_config.num_attention_heads, config.vision_config.image_size) == (128, 2, 64)
+    assert (config.text_config.hidden_size, config.text_config.num_attention_heads) == (64, 1)
+    assert config.decoder_attention_heads == 8 and config.ensemble_weight == 0.0
 
 
 def test_unknown_original_keys_are_listed_by_module():
     state_dict = dict(golden_state_dict())
     state_dict["sem_seg_head.extra_head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"sem_seg_head.extra_head: 1 keys"):
-        convert_original_checkpoint(state_dict, golden_model().config)
+        convert_original_checkpoint(state_dict, golden_config()["config"], deformable_attention_backend="pytorch")
 
 
 def test_a_missing_original_key_fails():
     state_dict = {key: value for key, value in golden_state_dict().items() if key != "sem_seg_head.interaction.gamma"}
     with pytest.raises(ValueError, match="missing.*context_interaction.layer_scale"):
-        convert_original_checkpoint(state_dict, golden_model().config)
+        convert_original_checkpoint(state_dict, golden_config()["config"], deformable_attention_backend="pytorch")
 
 
 def test_inference_matches_the_original():
