@@ -103,6 +103,7 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
 
 def train_command(arguments: argparse.Namespace) -> int:
     """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
+    from accelerate import PartialState
     from datasets import load_from_disk
 
     from maft import MaftModel, MaftProcessor
@@ -120,9 +121,10 @@ def train_command(arguments: argparse.Namespace) -> int:
     processor = MaftProcessor.from_pretrained(arguments.init_from)
     collator = MaftTrainingCollator(processor, class_names, image_column=arguments.image_column, label_column=arguments.label_column)
     trained = train(model, processor, dataset, collator, training_arguments)
-    trained.save_pretrained(arguments.output_dir)
-    processor.save_pretrained(arguments.output_dir)
-    print(f"trained {training_arguments.max_steps} steps; model saved to {arguments.output_dir}")
+    if PartialState().is_main_process:  # under `accelerate launch`, one process writes
+        trained.save_pretrained(arguments.output_dir)
+        processor.save_pretrained(arguments.output_dir)
+        print(f"trained {training_arguments.max_steps} steps; model saved to {arguments.output_dir}")
     return 0
 
 

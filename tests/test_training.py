@@ -124,3 +124,32 @@ def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_pat
     assert result.global_step == 2 and np.isfinite(result.training_loss)
     assert not torch.equal(model.ip_clip.post_layernorm.weight, before)
     assert "model.safetensors" in hub_server.files("user/maft-trainer")
+
+
+def test_accelerate_launch_with_two_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    examples = synthetic_dataset()
+    Dataset.from_dict(
+        {"image": [example["image"] for example in examples],
+         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
+        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
+    ).save_to_disk(tmp_path / "data")
+    tiny_model().save_pretrained(tmp_path / "init")
+    tiny_processor().save_pretrained(tmp_path / "init")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "maft.cli", "train", "--train-dataset", str(tmp_path / "data"),
+         "--class-names", ", ".join(CLASS_NAMES), "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),
+         "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "1", "--learning-rate", "1e-3"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [path.name for path in complete_checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
