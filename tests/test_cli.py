@@ -65,20 +65,9 @@ def test_segment_rejects_empty_labels(capsys):
 
 
 def test_train_command_trains_and_saves(tmp_path, capsys):
-    from datasets import Dataset, Features, Image as ImageFeature
+    from test_training import CLASS_NAMES, save_training_inputs
 
-    from test_modeling import tiny_model, tiny_processor
-    from test_training import CLASS_NAMES, synthetic_dataset
-
-    examples = synthetic_dataset()
-    dataset = Dataset.from_dict(
-        {"image": [example["image"] for example in examples],
-         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
-        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
-    )
-    dataset.save_to_disk(tmp_path / "data")
-    tiny_model().save_pretrained(tmp_path / "init")
-    tiny_processor().save_pretrained(tmp_path / "init")
+    save_training_inputs(tmp_path)
     exit_code = main([
         "train", "--train-dataset", str(tmp_path / "data"), "--class-names", ", ".join(CLASS_NAMES),
         "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),

@@ -25,6 +25,21 @@ def synthetic_dataset(size: int = 4) -> list[dict]:
     return examples
 
 
+def save_training_inputs(path) -> None:
+    """The synthetic dataset (save_to_disk, image and label columns) in `path/data`, a tiny model in `path/init`."""
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    examples = synthetic_dataset()
+    Dataset.from_dict(
+        {"image": [example["image"] for example in examples],
+         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
+        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
+    ).save_to_disk(path / "data")
+    tiny_model().save_pretrained(path / "init")
+    tiny_processor().save_pretrained(path / "init")
+
+
 def run(tmp_path, model=None, **overrides):
     arguments = MaftTrainingArguments(output_dir=str(tmp_path), per_device_batch_size=2, max_steps=4, save_steps=2,
                                       learning_rate=1e-3, **overrides)
@@ -131,17 +146,7 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     import sys
     from pathlib import Path
 
-    from datasets import Dataset, Features, Image as ImageFeature
-    from PIL import Image
-
-    examples = synthetic_dataset()
-    Dataset.from_dict(
-        {"image": [example["image"] for example in examples],
-         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
-        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
-    ).save_to_disk(tmp_path / "data")
-    tiny_model().save_pretrained(tmp_path / "init")
-    tiny_processor().save_pretrained(tmp_path / "init")
+    save_training_inputs(tmp_path)
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
         [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
