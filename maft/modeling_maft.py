@@ -706,6 +706,94 @@ def mask_aware_loss(
     return F.smooth_l1_loss(torch.cat(predictions), torch.cat(targets))
 
 
+def semantic_targets(labels: torch.Tensor, ignore_index: int, size: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, the classes present and their binary masks at `size` (nearest): [(classes (K,), masks (K, h, w))]."""
+    targets = []
+    for image_labels in labels:
+        resized = F.interpolate(image_labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        classes = image_labels.unique()
+        classes = classes[classes != ignore_index]
+        targets.append((classes, (resized[None] == classes[:, None, None]).float()))
+    return targets
+
+
+def sigmoid_focal_loss_per_pixel(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """The focal loss of every pixel (same shape as the inputs)."""
+    probabilities = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * cross_entropy * (1 - p_t) ** gamma
+
+
+def dice_loss_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 - Dice of each (flattened) mask: (N, pixels) -> (N,)."""
+    probabilities = logits.sigmoid()
+    numerator = 2 * (probabilities * targets).sum(-1)
+    return 1 - (numerator + 1) / (probabilities.sum(-1) + targets.sum(-1) + 1)
+
+
+@torch.no_grad()
+def hungarian_match(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor, masks: torch.Tensor,
+                    class_weight: float, mask_weight: float, dice_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The one-to-one assignment of queries to ground-truth masks of one image minimising
+    `-class_weight * p_class + mask_weight * focal + dice_weight * dice` (scipy's assignment solver).
+    class_logits (Q, C+1), mask_logits (Q, h, w), classes (K,), masks (K, h, w) -> (query indices, target indices).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    predicted = mask_logits.flatten(1).float()
+    target = masks.flatten(1).float()
+    pixels = predicted.shape[1]
+    class_cost = -class_logits.float().softmax(-1)[:, classes]
+    positive = sigmoid_focal_loss_per_pixel(predicted, torch.ones_like(predicted))
+    negative = sigmoid_focal_loss_per_pixel(predicted, torch.zeros_like(predicted))
+    focal_cost = (positive @ target.T + negative @ (1 - target).T) / pixels
+    probabilities = predicted.sigmoid()
+    dice_cost = 1 - (2 * probabilities @ target.T + 1) / (probabilities.sum(-1)[:, None] + target.sum(-1)[None] + 1)
+    cost = class_weight * class_cost + mask_weight * focal_cost + dice_weight * dice_cost
+    query_indices, target_indices = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(query_indices, dtype=torch.long), torch.as_tensor(target_indices, dtype=torch.long)
+
+
+def proposal_losses(predictions: list[dict[str, torch.Tensor]], labels: torch.Tensor, config: MaftConfig) -> dict[str, torch.Tensor]:
+    """
+    Stage-1 losses (DESIGN.md §4) summed over the final and every auxiliary prediction (deep supervision), each layer
+    matched on its own: cross-entropy with the no-object class down-weighted, sigmoid focal and dice on the matched
+    masks, normalised by the number of ground-truth masks in the batch. Masks are compared at the prediction's
+    resolution (ground truth resized with nearest).
+    """
+    size = predictions[-1]["masks_queries_logits"].shape[-2:]
+    targets = semantic_targets(labels, config.ignore_index, size)
+    num_masks = max(sum(len(classes) for classes, _ in targets), 1)
+    totals = {"class_loss": 0.0, "mask_loss": 0.0, "dice_loss": 0.0}
+    for prediction in predictions:
+        class_logits, mask_logits = prediction["class_queries_logits"], prediction["masks_queries_logits"]
+        num_classes = class_logits.shape[-1] - 1
+        class_weights = torch.ones(num_classes + 1, device=class_logits.device)
+        class_weights[-1] = config.no_object_weight
+        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
+        matched_logits, matched_masks = [], []
+        for index, (classes, masks) in enumerate(targets):
+            if classes.numel() and classes.max() >= num_classes:
+                raise ValueError(f"`labels` hold class {classes.max().item()} but the vocabulary has {num_classes} classes.")
+            query_indices, target_indices = hungarian_match(
+                class_logits[index], mask_logits[index], classes, masks,
+                config.class_loss_weight, config.mask_loss_weight, config.dice_loss_weight,
+            )
+            target_classes[index, query_indices] = classes[target_indices]
+            matched_logits.append(mask_logits[index, query_indices].flatten(1))
+            matched_masks.append(masks[target_indices].flatten(1))
+        totals["class_loss"] = totals["class_loss"] + config.class_loss_weight * F.cross_entropy(
+            class_logits.transpose(1, 2), target_classes, weight=class_weights
+        )
+        predicted, target = torch.cat(matched_logits), torch.cat(matched_masks)
+        totals["mask_loss"] = totals["mask_loss"] + config.mask_loss_weight * sigmoid_focal_loss_per_pixel(predicted, target).mean(-1).sum() / num_masks
+        totals["dice_loss"] = totals["dice_loss"] + config.dice_loss_weight * dice_loss_per_mask(predicted, target).sum() / num_masks
+    return totals
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """MAFT's self-distillation: SmoothL1 between the class distributions of the student and the frozen teacher."""
     return F.smooth_l1_loss(student_logits.softmax(dim=-1), teacher_logits.detach().softmax(dim=-1))
@@ -952,6 +1040,23 @@ class MaftModel(MaftPreTrainedModel):
                 "be (batch_size, 3, height, width) with the same batch size."
             )
         text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
+        if labels is not None and self.config.training_stage == "proposals":
+            predictions = self.propose(pixel_values, text_embeds)
+            loss_dict = proposal_losses(predictions, labels, self.config)
+            final = predictions[-1]
+            return MaftModelOutput(
+                loss=sum(loss_dict.values()),
+                class_queries_logits=final["class_queries_logits"],
+                masks_queries_logits=final["masks_queries_logits"],
+                proposal_class_logits=final["class_queries_logits"],
+                text_embeds=text_embeds,
+                image_sizes=image_sizes,
+                auxiliary_logits=[
+                    {"class_queries_logits": p["class_queries_logits"], "masks_queries_logits": p["masks_queries_logits"]}
+                    for p in predictions[:-1]
+                ],
+                loss_dict=loss_dict,
+            )
         if self.config.training_stage == "maft" or not self.training:
             with torch.no_grad():
                 predictions = self.propose(pixel_values, text_embeds)
@@ -969,8 +1074,6 @@ class MaftModel(MaftPreTrainedModel):
 
         loss, loss_dict = None, None
         if labels is not None:
-            if self.config.training_stage != "maft":
-                raise NotImplementedError("Training the proposal generator (training_stage='proposals') is not available yet.")
             loss_dict = self._mask_aware_losses(clip_class_logits, proposal_masks, labels, clip_pixel_values, text_embeds)
             loss = sum(loss_dict.values())
         return MaftModelOutput(
@@ -1073,6 +1176,16 @@ class MaftModel(MaftPreTrainedModel):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         return [f"ip_clip.{name}" for name in self.ip_clip.apply_mask_aware_finetuning_recipe()]
+
+    def apply_proposal_training_recipe(self) -> list[str]:
+        """Stage 1 (DESIGN.md §4): the proposal generator trains (its batch norms stay frozen), CLIP is frozen."""
+        generator = ("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object_embedding")
+        trainable = []
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.startswith(generator))
+            if parameter.requires_grad:
+                trainable.append(name)
+        return trainable
 
 
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])

@@ -142,8 +142,6 @@ def train(
     `MaftModel` inputs with `labels`). Runs unchanged under `accelerate launch`. Checkpoints every `save_steps` with
     `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint exactly.
     """
-    if arguments.stage != "maft":
-        raise NotImplementedError("Only stage 'maft' (IP-CLIP fine-tuning) can be trained yet.")
     output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
@@ -154,7 +152,10 @@ def train(
     )
     set_seed(arguments.seed)
     model.config.training_stage = arguments.stage
-    model.apply_mask_aware_finetuning_recipe()
+    if arguments.stage == "maft":
+        model.apply_mask_aware_finetuning_recipe()
+    else:
+        model.apply_proposal_training_recipe()
     optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, arguments))
     scheduler = poly_schedule(optimizer, arguments.max_steps, arguments.poly_power)
     loader = DataLoader(train_dataset, batch_size=arguments.per_device_batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
