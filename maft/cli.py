@@ -6,6 +6,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -128,6 +129,34 @@ def train_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(arguments: argparse.Namespace) -> int:
+    """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
+    from datasets import load_from_disk
+
+    from maft import MaftModel, MaftProcessor
+    from maft.training.evaluation import StreamingConfusionMatrix, format_results_table
+
+    dataset = load_from_disk(arguments.dataset)
+    class_names = parse_labels(arguments.class_names)
+    unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
+    processor = MaftProcessor.from_pretrained(arguments.model)
+    model = MaftModel.from_pretrained(arguments.model).to(arguments.device).eval()
+    matrix = StreamingConfusionMatrix(len(class_names), arguments.ignore_index)
+    text_inputs = processor.tokenize_class_names(class_names)
+    for example in tqdm(dataset, desc="evaluating", unit="image"):
+        image, reference = example[arguments.image_column], np.asarray(example[arguments.label_column])
+        inputs = processor(images=image).to(arguments.device)
+        with torch.inference_mode():
+            outputs = model(**inputs, **{key: value.to(arguments.device) for key, value in text_inputs.items()})
+        prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[reference.shape])[0]
+        matrix.update(prediction.cpu(), reference)
+    results = matrix.compute(class_names, unseen)
+    print(format_results_table(results))
+    if arguments.output:
+        Path(arguments.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def convert_command(arguments: argparse.Namespace) -> int:
     """Converts an original MAFT checkpoint to a transformers-style folder (and optionally pushes it to the Hub)."""
     from maft.convert_original_checkpoint import convert_original_checkpoint, write_converted_model
@@ -185,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         trainer.add_argument(f"--{name}", type=kind, help=help_text)
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trainer.set_defaults(handler=train_command)
+
+    evaluator = commands.add_parser("evaluate", help="mIoU and related metrics of a model on a labelled dataset")
+    evaluator.add_argument("--model", required=True, help="model directory or Hub id")
+    evaluator.add_argument("--dataset", required=True, help="a datasets dataset saved with save_to_disk")
+    evaluator.add_argument("--class-names", required=True, help="the dataset's class names in label order, comma-separated")
+    evaluator.add_argument("--unseen-class-names", help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
+    evaluator.add_argument("--ignore-index", type=int, default=255)
+    evaluator.add_argument("--image-column", default="image")
+    evaluator.add_argument("--label-column", default="label")
+    evaluator.add_argument("--output", help="write the results as JSON")
+    evaluator.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    evaluator.set_defaults(handler=evaluate_command)
 
     converter = commands.add_parser("convert", help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")
     converter.add_argument("--checkpoint", required=True)

@@ -76,3 +76,17 @@ def test_train_command_trains_and_saves(tmp_path, capsys):
     assert exit_code == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+def test_evaluate_command_reports_metrics(tmp_path, capsys):
+    from test_training import CLASS_NAMES, save_training_inputs
+
+    save_training_inputs(tmp_path)
+    exit_code = main([
+        "evaluate", "--model", str(tmp_path / "init"), "--dataset", str(tmp_path / "data"),
+        "--class-names", ", ".join(CLASS_NAMES), "--unseen-class-names", "sky", "--output", str(tmp_path / "results.json"),
+    ])
+    assert exit_code == 0
+    assert "| mIoU | fwIoU | mACC | pACC | mIoU-seen | mIoU-unseen | hIoU |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["mIoU"] <= 100 and 0 <= results["pACC"] <= 100 and "IoU-sky" in results
