@@ -46,11 +46,18 @@ DROPPED_KEYS = [
     r"^clip_adapter\.clip_model\.logit_scale$",
 ]
 
+FROZEN_IMAGE_TOWER = "clip_adapter.clip_model.visual."
 CLIP_TOWERS = {
     "IPCLIP.": ("ip_clip.", convert_openai_clip_vision),
-    "clip_adapter.clip_model.visual.": ("distillation_teacher.", convert_openai_clip_vision),
+    FROZEN_IMAGE_TOWER: ("distillation_teacher.", convert_openai_clip_vision),
     "clip_adapter.clip_model.": ("text_encoder.", convert_openai_clip_text),
 }
+
+
+def image_tower_prefix(state_dict: dict[str, torch.Tensor]) -> str:
+    """IP-CLIP's tower: the fine-tuned `IPCLIP.*` of MAFT checkpoints, or the frozen CLIP of FreeSeg ones (which
+    classify with CLIP as released)."""
+    return "IPCLIP." if any(key.startswith("IPCLIP.") for key in state_dict) else FROZEN_IMAGE_TOWER
 
 
 def _module_of(key: str) -> str:
@@ -81,6 +88,8 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         converted.update({target_prefix + key: tensor for key, tensor in convert(original, source_prefix).items()})
         claimed |= tower_keys
+    if image_tower_prefix(original) == FROZEN_IMAGE_TOWER:
+        converted.update({f"ip_clip.{key}": tensor for key, tensor in convert_openai_clip_vision(original, FROZEN_IMAGE_TOWER).items()})
     claimed |= {key for key in original if any(re.match(pattern, key) for pattern in DROPPED_KEYS)}
     unknown = sorted(set(original) - claimed)
     if unknown:
@@ -147,7 +156,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], original_config=
     """
     yaml_config = _read_original_config(original_config)
     shape = lambda key: tuple(state_dict[key].shape)  # noqa: E731
-    vision, text = "IPCLIP.", "clip_adapter.clip_model."
+    vision, text = image_tower_prefix(state_dict), "clip_adapter.clip_model."
     vision_width, vision_layers = shape(f"{vision}conv1.weight")[0], _count(state_dict, f"{vision}transformer.resblocks.")
     patch_size = shape(f"{vision}conv1.weight")[-1]
     text_width = shape(f"{text}ln_final.weight")[0]

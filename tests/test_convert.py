@@ -9,7 +9,7 @@ import torch
 from golden import require_golden
 from maft import MaftConfig, MaftModel, MaftProcessor
 from maft.cli import main
-from maft.convert_original_checkpoint import config_from_state_dict, load_original_checkpoint
+from maft.convert_original_checkpoint import config_from_state_dict, convert_state_dict, load_original_checkpoint
 
 
 def released_key_list() -> dict[str, list[int]]:
@@ -49,3 +49,17 @@ def test_a_pickle_with_an_unexpected_global_is_refused(tmp_path):
         pickle.dump({"model": {"x": torch.zeros(1)}, "payload": Payload()}, file)
     with pytest.raises(ValueError, match="pickled objects that a checkpoint of weights does not need"):
         load_original_checkpoint(path)
+
+
+def test_a_freeseg_checkpoint_converts_with_ip_clip_from_the_frozen_clip():
+    keys = json.loads((require_golden().parent / "freeseg_checkpoint_keys.json").read_text())["keys"]
+    state_dict = {name: torch.empty(shape, device="meta") for name, shape in keys.items()}
+    config = config_from_state_dict(state_dict)
+    assert config.to_dict() == MaftConfig().to_dict()
+    converted = convert_state_dict(state_dict)
+    with torch.device("meta"):
+        model = MaftModel(config)
+    assert {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} == {
+        name: tuple(tensor.shape) for name, tensor in converted.items()
+    }
+    assert converted["ip_clip.visual_projection.weight"].shape == (512, 768)
