@@ -13,14 +13,11 @@ from transformers.core_model_loading import PrefixChange
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
-from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
 from .kernels import MultiScaleDeformableAttention
 
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -1191,7 +1188,6 @@ class MaftModel(MaftPreTrainedModel):
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
 
 
-register_checkpoint_conversion_mapping("MaftModel", [])
 
 __all__ = [
     "MaftClipVisionModel",

@@ -2,7 +2,6 @@
 checkpoints published to the Hub in the background."""
 
 import logging
-import math
 import os
 import shutil
 import threading
