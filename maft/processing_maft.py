@@ -54,6 +54,15 @@ def to_rgb_array(image: ImageLike, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def shortest_edge_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge target size: short side `shortest_edge` unless the long side would then exceed
+    `longest_edge`; rounded as detectron2 rounds."""
+    scale = shortest_edge / min(height, width)
+    if max(height, width) * scale > longest_edge:
+        scale = longest_edge / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to (height, width) as detectron2 does: PIL for uint8, torch (align_corners=False) for floats."""
     height, width = size
@@ -123,13 +132,6 @@ class MaftImageProcessor(BaseImageProcessor):
         self.ignore_index = ignore_index
         self.mask_stride = mask_stride
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """detectron2's ResizeShortestEdge target size."""
-        scale = self.shortest_edge / min(height, width)
-        if max(height, width) * scale > self.longest_edge:
-            scale = self.longest_edge / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
-
     def preprocess(
         self,
         images: ImageLike | Sequence[ImageLike],
@@ -160,7 +162,7 @@ class MaftImageProcessor(BaseImageProcessor):
                     )
 
         if do_resize:
-            sizes = [self.resized_size(*array.shape[:2]) for array in arrays]
+            sizes = [shortest_edge_size(*array.shape[:2], self.shortest_edge, self.longest_edge) for array in arrays]
             arrays = [resize_image(array, size) for array, size in zip(arrays, sizes)]
             if label_arrays is not None:
                 label_arrays = [
