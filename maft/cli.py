@@ -102,16 +102,24 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def load_dataset_and_classes(name_or_path: str, arguments: argparse.Namespace) -> tuple:
+    """The dataset (columns renamed to image/label) and its class names: from --class-names, else its metadata."""
+    from maft.training.data import load_segmentation_dataset, segmentation_metadata
+
+    dataset = load_segmentation_dataset(name_or_path, arguments.split, arguments.image_column, arguments.label_column)
+    class_names = parse_labels(arguments.class_names) if arguments.class_names else segmentation_metadata(dataset)[0]
+    return dataset, class_names
+
+
 def train_command(arguments: argparse.Namespace) -> int:
     """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
     from accelerate import PartialState
-    from datasets import load_from_disk
 
     from maft import MaftModel, MaftProcessor
     from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
+    from maft.training.augmentation import AugmentationConfig
 
-    dataset = load_from_disk(arguments.train_dataset)
-    class_names = parse_labels(arguments.class_names)
+    dataset, class_names = load_dataset_and_classes(arguments.train_dataset, arguments)
     recipe = {
         key: getattr(arguments, key)
         for key in MaftTrainingArguments.__dataclass_fields__
@@ -120,7 +128,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     training_arguments = MaftTrainingArguments(**recipe)
     model = MaftModel.from_pretrained(arguments.init_from)
     processor = MaftProcessor.from_pretrained(arguments.init_from)
-    collator = MaftTrainingCollator(processor, class_names, image_column=arguments.image_column, label_column=arguments.label_column)
+    augmentation = None if arguments.no_augmentation else AugmentationConfig(crop_size=arguments.crop_size)
+    collator = MaftTrainingCollator(processor, class_names, augmentation=augmentation, seed=training_arguments.seed)
     trained = train(model, processor, dataset, collator, training_arguments)
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
         trained.save_pretrained(arguments.output_dir)
@@ -131,20 +140,17 @@ def train_command(arguments: argparse.Namespace) -> int:
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
     """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
-    from datasets import load_from_disk
-
     from maft import MaftModel, MaftProcessor
     from maft.training.evaluation import StreamingConfusionMatrix, format_results_table
 
-    dataset = load_from_disk(arguments.dataset)
-    class_names = parse_labels(arguments.class_names)
+    dataset, class_names = load_dataset_and_classes(arguments.dataset, arguments)
     unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
     processor = MaftProcessor.from_pretrained(arguments.model)
     model = MaftModel.from_pretrained(arguments.model).to(arguments.device).eval()
     matrix = StreamingConfusionMatrix(len(class_names), arguments.ignore_index)
     text_inputs = processor.tokenize_class_names(class_names)
     for example in tqdm(dataset, desc="evaluating", unit="image"):
-        image, reference = example[arguments.image_column], np.asarray(example[arguments.label_column])
+        image, reference = example["image"], np.asarray(example["label"])
         inputs = processor(images=image).to(arguments.device)
         with torch.inference_mode():
             outputs = model(**inputs, **{key: value.to(arguments.device) for key, value in text_inputs.items()})
@@ -172,6 +178,14 @@ def convert_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
+    parser.add_argument(flag, required=True, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
+    parser.add_argument("--split", help="the split, for datasets that have several")
+    parser.add_argument("--class-names", help="class names in label order, comma-separated (default: the dataset's metadata)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,10 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     trainer = commands.add_parser("train", help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
     trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
-    trainer.add_argument("--train-dataset", required=True, help="a datasets dataset saved with save_to_disk")
-    trainer.add_argument("--class-names", required=True, help="the dataset's class names in label order, comma-separated")
-    trainer.add_argument("--image-column", default="image")
-    trainer.add_argument("--label-column", default="label")
+    add_dataset_arguments(trainer, "--train-dataset")
+    trainer.add_argument("--crop-size", type=int, default=640, help="training crops (DESIGN.md §4 augmentation)")
+    trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -217,12 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluator = commands.add_parser("evaluate", help="mIoU and related metrics of a model on a labelled dataset")
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
-    evaluator.add_argument("--dataset", required=True, help="a datasets dataset saved with save_to_disk")
-    evaluator.add_argument("--class-names", required=True, help="the dataset's class names in label order, comma-separated")
+    add_dataset_arguments(evaluator, "--dataset")
     evaluator.add_argument("--unseen-class-names", help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--ignore-index", type=int, default=255)
-    evaluator.add_argument("--image-column", default="image")
-    evaluator.add_argument("--label-column", default="label")
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     evaluator.set_defaults(handler=evaluate_command)
