@@ -33,10 +33,17 @@ def segmentation_metadata(dataset: datasets.Dataset) -> tuple[list[str], int]:
 
 
 def load_image_folder_pairs(image_dir: str | os.PathLike, label_dir: str | os.PathLike, class_names: Sequence[str],
-                            ignore_index: int = 255) -> datasets.Dataset:
-    """Images and label maps (PNG of class indices) matched by file name stem."""
+                            ignore_index: int = 255, skip_unlabelled_images: bool = False) -> datasets.Dataset:
+    """Images and label maps (PNG, or 16-bit TIFF for more than 255 classes, of class indices) matched by file name stem.
+
+    With `skip_unlabelled_images`, images without a label map are left out instead of being an error (as detectron2's
+    `load_sem_seg` does), for image folders shared by several splits such as VOC's JPEGImages."""
     images = {path.stem: path for path in sorted(Path(image_dir).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
     labels = {path.stem: path for path in sorted(Path(label_dir).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
+    if skip_unlabelled_images:
+        if not labels:
+            raise ValueError(f"No label maps found in {label_dir}.")
+        images = {stem: path for stem, path in images.items() if stem in labels}
     if images.keys() != labels.keys():
         only_images, only_labels = sorted(images.keys() - labels.keys()), sorted(labels.keys() - images.keys())
         raise ValueError(
