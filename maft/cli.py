@@ -167,14 +167,24 @@ def convert_command(arguments: argparse.Namespace) -> int:
     """Converts an original MAFT checkpoint to a transformers-style folder (and optionally pushes it to the Hub)."""
     from maft.convert_original_checkpoint import convert_original_checkpoint, write_converted_model
 
-    model = convert_original_checkpoint(arguments.checkpoint, arguments.original_config)
-    write_converted_model(model, arguments.output_dir)
+    try:
+        model = convert_original_checkpoint(arguments.checkpoint, arguments.original_config)
+    except (ValueError, OSError) as error:
+        print(f"maft convert: {arguments.checkpoint}: {error}", file=sys.stderr)
+        return 1
+    write_converted_model(model, arguments.output_dir, source=arguments.checkpoint, model_card=arguments.model_card)
+    print(f"converted {arguments.checkpoint} -> {arguments.output_dir}")
     if arguments.push_to_hub:
         from huggingface_hub import HfApi
 
-        HfApi().create_repo(arguments.push_to_hub, exist_ok=True)
-        HfApi().upload_folder(folder_path=arguments.output_dir, repo_id=arguments.push_to_hub)
-    print(f"converted {arguments.checkpoint} -> {arguments.output_dir}")
+        api = HfApi()
+        repo_url = api.create_repo(arguments.push_to_hub, private=arguments.private or None, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=arguments.output_dir,
+            repo_id=repo_url.repo_id,
+            commit_message=f"Convert {Path(arguments.checkpoint).name} with maft convert",
+        )
+        print(f"pushed to {repo_url} ({commit.commit_url})")
     return 0
 
 
@@ -241,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     converter.add_argument("--checkpoint", required=True)
     converter.add_argument("--output-dir", required=True)
     converter.add_argument("--original-config", help="the original YAML config, for values tensor shapes cannot tell")
-    converter.add_argument("--push-to-hub", metavar="ORG/NAME")
+    converter.add_argument("--model-card", help="a model card (README.md) for the folder, e.g. one of model_cards/; default: a generated one")
+    converter.add_argument("--push-to-hub", metavar="ORG/NAME", help="also upload the folder to this Hub repository")
+    converter.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     converter.set_defaults(handler=convert_command)
+
     return parser
 
 

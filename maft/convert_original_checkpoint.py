@@ -65,6 +65,34 @@ def _module_of(key: str) -> str:
     return ".".join(key.split(".")[:-1][:3])
 
 
+def _listing_by_module(keys, indent: str = "  ") -> str:
+    """One line per module: how many of `keys` it holds, all of them when few, else the first as an example."""
+    by_module = defaultdict(list)
+    for key in sorted(keys):
+        by_module[_module_of(key)].append(key)
+    lines = []
+    for module, names in sorted(by_module.items()):
+        shown = ", ".join(names) if len(names) <= 3 else f"e.g. {names[0]}"
+        lines.append(f"{indent}{module}: {len(names)} keys, {shown}")
+    return "\n".join(lines)
+
+
+class _RecordingStateDict(dict):
+    """A state dict that records which entries a tower conversion reads, and which it looks for in vain (answering
+    those with a placeholder, so that one pass finds every missing entry of a tower)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        super().__init__(state_dict)
+        self.read, self.missing = set(), set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self:
+            self.read.add(key)
+            return super().__getitem__(key)
+        self.missing.add(key)
+        return torch.empty(3, 3, device="meta")
+
+
 def convert_proposal_generator_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The proposal-generator entries of an original state dict under our names; every other key is ignored here."""
     converted = {}
@@ -77,27 +105,36 @@ def convert_proposal_generator_state_dict(original: dict[str, torch.Tensor]) -> 
 
 
 def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A whole original MAFT state dict -> `MaftModel`'s. Raises ValueError listing, by module, keys it does not know."""
+    """
+    A whole original MAFT (or FreeSeg) state dict -> `MaftModel`'s. Raises ValueError listing, by module, the keys it
+    does not know (also inside the CLIP towers) and the keys of a CLIP tower that are missing. Missing entries of the
+    proposal generator show when the result is loaded into a model (`convert_original_checkpoint` does, strictly).
+    """
     converted = convert_proposal_generator_state_dict(original)
     claimed = {key for key in original if any(re.match(pattern, key) for pattern, _ in PROPOSAL_GENERATOR_RENAMES)}
-    for source_prefix, (target_prefix, convert) in CLIP_TOWERS.items():
-        tower_keys = {key for key in original if key.startswith(source_prefix) and key not in claimed}
-        if source_prefix == "clip_adapter.clip_model.":
-            tower_keys = {key for key in tower_keys if not key.startswith("clip_adapter.clip_model.visual.")}
-        if not tower_keys:
-            continue
-        converted.update({target_prefix + key: tensor for key, tensor in convert(original, source_prefix).items()})
-        claimed |= tower_keys
-    if image_tower_prefix(original) == FROZEN_IMAGE_TOWER:
-        converted.update({f"ip_clip.{key}": tensor for key, tensor in convert_openai_clip_vision(original, FROZEN_IMAGE_TOWER).items()})
+    recording = _RecordingStateDict(original)
+    towers = [
+        (source_prefix, target_prefix, convert)
+        for source_prefix, (target_prefix, convert) in CLIP_TOWERS.items()
+        if any(
+            key.startswith(source_prefix) and not (source_prefix == "clip_adapter.clip_model." and key.startswith(FROZEN_IMAGE_TOWER))
+            for key in original
+        )
+    ]
+    if image_tower_prefix(original) == FROZEN_IMAGE_TOWER:  # FreeSeg: IP-CLIP starts as the frozen CLIP image tower
+        towers.append((FROZEN_IMAGE_TOWER, "ip_clip.", convert_openai_clip_vision))
+    for source_prefix, target_prefix, convert in towers:
+        converted.update({target_prefix + key: tensor for key, tensor in convert(recording, source_prefix).items()})
+    claimed |= recording.read
     claimed |= {key for key in original if any(re.match(pattern, key) for pattern in DROPPED_KEYS)}
     unknown = sorted(set(original) - claimed)
+    problems = []
     if unknown:
-        by_module = defaultdict(list)
-        for key in unknown:
-            by_module[_module_of(key)].append(key)
-        listing = "\n".join(f"  {module}: {len(keys)} keys, e.g. {keys[0]}" for module, keys in sorted(by_module.items()))
-        raise ValueError(f"The checkpoint has {len(unknown)} entries this converter does not know:\n{listing}")
+        problems.append(f"{len(unknown)} entries this converter does not know:\n{_listing_by_module(unknown)}")
+    if recording.missing:
+        problems.append(f"{len(recording.missing)} entries of its CLIP towers missing:\n{_listing_by_module(recording.missing)}")
+    if problems:
+        raise ValueError("The checkpoint has " + "\nand ".join(problems))
     return converted
 
 
@@ -155,7 +192,15 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], original_config=
     IP-CLIP start layer (which shapes cannot tell) from the original YAML config, else the published values.
     """
     yaml_config = _read_original_config(original_config)
-    shape = lambda key: tuple(state_dict[key].shape)  # noqa: E731
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(
+                f"The checkpoint has no {key}, one of the entries the configuration is derived from: it is not a "
+                "complete MAFT or FreeSeg checkpoint."
+            )
+        return tuple(state_dict[key].shape)
+
     vision, text = image_tower_prefix(state_dict), "clip_adapter.clip_model."
     vision_width, vision_layers = shape(f"{vision}conv1.weight")[0], _count(state_dict, f"{vision}transformer.resblocks.")
     patch_size = shape(f"{vision}conv1.weight")[-1]
@@ -223,18 +268,90 @@ def convert_original_checkpoint(checkpoint, original_config=None, **config_overr
     """
     state_dict = checkpoint if isinstance(checkpoint, dict) else load_original_checkpoint(checkpoint)
     state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    converted = convert_state_dict(state_dict)
     config = config_from_state_dict(state_dict, original_config, **config_overrides)
     model = MaftModel(config).eval()
-    missing, unexpected = model.load_state_dict(convert_state_dict(state_dict), strict=False)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise ValueError(
-            f"The converted checkpoint does not fit the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}."
-        )
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} entries of the model:\n{_listing_by_module(missing, '  missing ')}")
+        if unexpected:
+            problems.append(
+                f"unexpected {len(unexpected)} entries the model does not have:\n{_listing_by_module(unexpected, '  unexpected ')}"
+            )
+        raise ValueError("The converted checkpoint does not fit the config: " + "\n".join(problems))
     return model
 
 
-def write_converted_model(model: MaftModel, output_dir: str | os.PathLike) -> None:
-    """`save_pretrained` of the model and of a processor with CLIP's tokenizer and the model's prompt templates."""
+MODEL_CARD_TEMPLATE = """# {name}: MAFT, CLIP {clip}
+
+Open-vocabulary semantic segmentation with MAFT (Mask-aware Fine-Tuning of CLIP, Jiao et al., NeurIPS 2023): a
+Mask2Former-style proposal generator proposes {num_queries} class-agnostic masks, and IP-CLIP classifies all of them
+against any class names in one CLIP pass. Converted with `maft convert` from the original checkpoint `{source}`
+(detectron2 format). IP-CLIP masks from layer {mask_start_layer} of {num_layers}.
+
+## Use
+
+```python
+from PIL import Image
+from maft import MaftModel, MaftProcessor
+
+model_id = "{name}"  # this folder, or its Hub id
+processor = MaftProcessor.from_pretrained(model_id)
+model = MaftModel.from_pretrained(model_id)
+image = Image.new("RGB", (640, 480), "gray")  # your image
+inputs = processor(images=image, text=["sky", "tree", "road"], return_tensors="pt")
+outputs = model(**inputs)
+label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+```
+
+## Source
+
+The original implementation: https://github.com/jiaosiyu1999/MAFT (paper: https://arxiv.org/abs/2310.00240). The
+weights are the original authors'; their license is theirs to state.
+"""
+
+
+def converted_model_card(model: MaftModel, source: str | os.PathLike | None = None, name: str | None = None):
+    """A `huggingface_hub.ModelCard` for a converted model: Hub metadata, where it came from and how to use it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    vision = model.config.vision_config
+    name = name or "maft"
+    data = ModelCardData(
+        library_name="maft",
+        pipeline_tag="image-segmentation",
+        license="unknown",
+        tags=["open-vocabulary-segmentation", "semantic-segmentation", "zero-shot", "clip", "maft"],
+        model_name=name,
+    )
+    text = MODEL_CARD_TEMPLATE.format(
+        name=name,
+        clip={(768, 16): "ViT-B/16", (1024, 14): "ViT-L/14"}.get(
+            (vision.hidden_size, vision.patch_size), f"image tower of width {vision.hidden_size}, patch {vision.patch_size}"
+        ),
+        num_queries=model.config.num_queries,
+        source=Path(source).name if source is not None else "unknown",
+        mask_start_layer=vision.mask_start_layer,
+        num_layers=vision.num_hidden_layers,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def write_converted_model(
+    model: MaftModel,
+    output_dir: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    model_card: str | os.PathLike | None = None,
+) -> None:
+    """
+    `save_pretrained` of the model and of a processor with CLIP's tokenizer and the model's prompt templates, and a
+    model card (README.md): `model_card` (a card file, e.g. one of the repository's `model_cards/`) when given, else
+    one generated from the model and the `source` checkpoint's name.
+    """
+    from huggingface_hub import ModelCard
+
     from .clip_tokenizer import load_clip_tokenizer
     from .processing_maft import MaftImageProcessor, MaftProcessor
 
@@ -245,3 +362,5 @@ def write_converted_model(model: MaftModel, output_dir: str | os.PathLike) -> No
         prompt_templates=list(model.config.prompt_templates),
     )
     processor.save_pretrained(output_dir)
+    card = ModelCard.load(model_card) if model_card is not None else converted_model_card(model, source, Path(output_dir).name)
+    card.save(Path(output_dir) / "README.md")
