@@ -1,10 +1,10 @@
-"""Stage-2 (MAFT) training step of the default configuration (CLIP ViT-B/16 + ResNet-101, random weights): time and
-peak memory of one optimizer step (forward, backward, AdamW) at batch 1 with a 640x640 crop.
+"""Training steps of the default configuration (CLIP ViT-B/16 + ResNet-101, random weights), stage 1 (the proposal
+generator) and stage 2 (MAFT): time and peak memory of one optimizer step (forward, backward, AdamW) at batch 1 with a
+640x640 crop.
 
     python benchmarks/training.py [--device cpu|cuda] [--classes 171] [--repeats 3]
 
-Prints a markdown table and writes benchmarks/results/training.json. (Stage 1, the proposal generator, is not
-trainable yet.)
+Prints a markdown table (a row per stage) and writes benchmarks/results/training.json.
 """
 
 import argparse
@@ -21,32 +21,24 @@ from common import peak_memory_mib
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"proposals": "1 (proposals)", "maft": "2 (MAFT)"}
 
 
-def main() -> None:
-    from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
-    from maft.clip_tokenizer import load_clip_tokenizer
-    from maft.training import MaftTrainingArguments, MaftTrainingCollator
+def measure_stage(stage: str, batch, device: str, repeats: int) -> dict:
+    """Trainable parameters, step seconds (`repeats` steps after a warm-up) and peak memory of a step of `stage`."""
+    from maft import MaftConfig, MaftModel
+    from maft.training import MaftTrainingArguments
     from maft.training.loop import optimizer_parameter_groups
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--classes", type=int, default=171)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "training.json")
-    arguments = parser.parse_args()
-
     torch.manual_seed(0)
-    model = MaftModel(MaftConfig()).to(arguments.device)
-    model.apply_mask_aware_finetuning_recipe()
+    model = MaftModel(MaftConfig()).to(device)
+    model.config.training_stage = stage
+    if stage == "maft":
+        model.apply_mask_aware_finetuning_recipe()
+    else:
+        model.apply_proposal_training_recipe()
     model.train()
-    optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, MaftTrainingArguments(output_dir="unused")))
-    processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer())
-    rng = np.random.default_rng(0)
-    label = rng.integers(0, arguments.classes, (640, 640)).astype(np.int64) // 40 * 40 % arguments.classes
-    example = {"image": Image.fromarray(rng.integers(0, 256, (640, 640, 3), dtype=np.uint8)), "label": label}
-    collator = MaftTrainingCollator(processor, [f"category number {index}" for index in range(arguments.classes)])
-    batch = collator([example]).to(arguments.device)
+    optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, MaftTrainingArguments(output_dir="unused", stage=stage)))
 
     def step():
         loss = model(**batch).loss
@@ -56,26 +48,50 @@ def main() -> None:
 
     step()  # warm-up, and encodes (then caches) the vocabulary
     seconds = []
-    for _ in range(arguments.repeats):
-        if arguments.device == "cuda":
+    for _ in range(repeats):
+        if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         step()
-        if arguments.device == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak = peak_memory_mib(step, arguments.device, inference=False)
+    peak = peak_memory_mib(step, device, inference=False)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return {"trainable_parameters": trainable, "step_seconds": seconds, "peak_memory_mib": peak}
 
-    print(f"\nMAFT stage 2, ViT-B/16 + ResNet-101 (random weights), batch 1, 640x640, {arguments.classes} classes, "
+
+def main() -> None:
+    from maft import MaftImageProcessor, MaftProcessor
+    from maft.clip_tokenizer import load_clip_tokenizer
+    from maft.training import MaftTrainingCollator
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--classes", type=int, default=171)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "training.json")
+    arguments = parser.parse_args()
+
+    processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer())
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, arguments.classes, (640, 640)).astype(np.int64) // 40 * 40 % arguments.classes
+    example = {"image": Image.fromarray(rng.integers(0, 256, (640, 640, 3), dtype=np.uint8)), "label": label}
+    collator = MaftTrainingCollator(processor, [f"category number {index}" for index in range(arguments.classes)])
+    batch = collator([example]).to(arguments.device)
+    results = {stage: measure_stage(stage, batch, arguments.device, arguments.repeats) for stage in STAGES}
+
+    print(f"\nMAFT training, ViT-B/16 + ResNet-101 (random weights), batch 1, 640x640, {arguments.classes} classes, "
           f"{arguments.device}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| trainable parameters | step time | peak memory of a step |")
-    print("|---|---|---|")
-    print(f"| {trainable / 1e6:.1f} M | {statistics.median(seconds):.2f} s | {peak:.0f} MiB |")
+    print("| stage | trainable parameters | step time | peak memory of a step |")
+    print("|---|---|---|---|")
+    for stage, result in results.items():
+        print(f"| {STAGES[stage]} | {result['trainable_parameters'] / 1e6:.1f} M | {statistics.median(result['step_seconds']):.2f} s "
+              f"| {result['peak_memory_mib']:.0f} MiB |")
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps({
         "device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "classes": arguments.classes,
-        "trainable_parameters": trainable, "step_seconds": seconds, "peak_memory_mib": peak,
+        "stages": results,
     }, indent=2))
     print(f"\nwritten to {arguments.output}")
 

@@ -1,4 +1,4 @@
-"""Stage-2 training with the Accelerate loop on a tiny model and synthetic data."""
+"""Training with the Accelerate loop on a tiny model and synthetic data."""
 
 import logging
 
@@ -9,10 +9,13 @@ import torch
 from maft import MaftModel
 from maft.training import MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
 from maft.training import loop as train_module
+from maft.training.augmentation import AugmentationConfig
+from maft.training.collator import EpochIndexedDataset
 from test_modeling import random_image, tiny_model, tiny_processor
 
 
 CLASS_NAMES = ["cat", "dog", "sky"]
+SMALL_CROPS = AugmentationConfig(short_sides=(64, 96), crop_size=64)
 
 
 def synthetic_dataset(size: int = 4) -> list[dict]:
@@ -40,12 +43,34 @@ def save_training_inputs(path) -> None:
     tiny_processor().save_pretrained(path / "init")
 
 
-def run(tmp_path, model=None, **overrides):
-    arguments = MaftTrainingArguments(output_dir=str(tmp_path), per_device_batch_size=2, max_steps=4, save_steps=2,
-                                      learning_rate=1e-3, **overrides)
+def run(tmp_path, model=None, augmentation=None, **overrides):
+    recipe = {"per_device_batch_size": 2, "max_steps": 4, "save_steps": 2, "learning_rate": 1e-3, **overrides}
+    arguments = MaftTrainingArguments(output_dir=str(tmp_path), **recipe)
     processor = tiny_processor()
     model = model or tiny_model()
-    return train(model, processor, synthetic_dataset(), MaftTrainingCollator(processor, CLASS_NAMES), arguments)
+    collator = MaftTrainingCollator(processor, CLASS_NAMES, augmentation=augmentation, seed=arguments.seed)
+    return train(model, processor, synthetic_dataset(), collator, arguments)
+
+
+def interrupted_then_resumed(tmp_path, monkeypatch, **overrides) -> MaftModel:
+    """`run`, stopped right after its first checkpoint, then resumed from it."""
+    save = train_module.save_checkpoint
+
+    def save_then_stop(accelerator, model, processor, output_dir, step, publisher):
+        save(accelerator, model, processor, output_dir, step, publisher)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, **overrides)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    assert len(complete_checkpoints(tmp_path)) == 1
+    return run(tmp_path, resume=True, **overrides)
+
+
+def assert_same_weights(actual: MaftModel, expected: MaftModel) -> None:
+    for (name, expected_tensor), (_, actual_tensor) in zip(expected.state_dict().items(), actual.state_dict().items()):
+        torch.testing.assert_close(actual_tensor, expected_tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_loss_falls_and_exactly_the_recipe_changes(tmp_path):
@@ -71,23 +96,29 @@ def test_loss_falls_and_exactly_the_recipe_changes(tmp_path):
 
 def test_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkeypatch):
     straight = run(tmp_path / "straight")
-    save = train_module.save_checkpoint
-
-    def save_then_stop(accelerator, model, processor, output_dir, step, publisher):
-        save(accelerator, model, processor, output_dir, step, publisher)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "save_checkpoint", save)
-    assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
-    resumed = run(tmp_path / "resumed", resume=True)
-    for (name, expected), (_, actual) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch)
+    assert_same_weights(resumed, straight)
     assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2", "checkpoint-4"]
     loaded = MaftModel.from_pretrained(tmp_path / "resumed" / "checkpoint-4" / "model")
     torch.testing.assert_close(loaded.ip_clip.post_layernorm.weight, resumed.ip_clip.post_layernorm.weight)
+
+
+def test_resume_with_augmentation_equals_a_straight_run(tmp_path, monkeypatch):
+    # batches of 1: the run stops in the middle of epoch 0 (after 3 of its 4 batches), and resumed goes on into epoch 1
+    overrides = {"augmentation": SMALL_CROPS, "per_device_batch_size": 1, "max_steps": 6, "save_steps": 3}
+    straight = run(tmp_path / "straight", **overrides)
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, **overrides)
+    assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-3", "checkpoint-6"]
+    assert_same_weights(resumed, straight)
+
+
+def test_an_example_is_augmented_by_its_seed_epoch_and_index_alone():
+    collator = MaftTrainingCollator(tiny_processor(), CLASS_NAMES, augmentation=SMALL_CROPS)
+    dataset = EpochIndexedDataset(synthetic_dataset())
+    pair = collator([dataset[0], dataset[1]])["pixel_values"]
+    assert torch.equal(collator([dataset[1]])["pixel_values"][0], pair[1])  # whatever the batch, process or call order
+    dataset.set_epoch(1)
+    assert not torch.equal(collator([dataset[1]])["pixel_values"][0], pair[1])
 
 
 def test_a_partial_checkpoint_is_never_taken_as_complete(tmp_path):
@@ -141,10 +172,13 @@ def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_pat
     assert "model.safetensors" in hub_server.files("user/maft-trainer")
 
 
-def test_accelerate_launch_with_two_processes(tmp_path):
+@pytest.mark.parametrize("stage", ["maft", "proposals"])
+def test_accelerate_launch_with_two_processes(tmp_path, stage):
     import subprocess
     import sys
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     save_training_inputs(tmp_path)
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -152,9 +186,13 @@ def test_accelerate_launch_with_two_processes(tmp_path):
         [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "maft.cli", "train", "--train-dataset", str(tmp_path / "data"),
          "--class-names", ", ".join(CLASS_NAMES), "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),
-         "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "1", "--learning-rate", "1e-3"],
+         "--stage", stage, "--crop-size", "64", "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "1",
+         "--learning-rate", "1e-3"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [path.name for path in complete_checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2"]
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    before, after = load_file(tmp_path / "init" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = {name for name, tensor in after.items() if not torch.equal(tensor, before[name])}
+    trained = ("ip_clip.",) if stage == "maft" else ("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")
+    assert changed and all(name.startswith(trained) for name in changed)

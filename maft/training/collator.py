@@ -3,10 +3,34 @@
 from collections.abc import Sequence
 
 import numpy as np
+from torch.utils.data import Dataset
 from transformers import BatchFeature
 
 from ..processing_maft import MaftProcessor, to_label_array, to_rgb_array
 from .augmentation import AugmentationConfig, augment
+
+
+EXAMPLE_KEY = "maft_example_key"
+
+
+class EpochIndexedDataset(Dataset):
+    """
+    A map-style dataset whose examples (dicts) also carry `(epoch, index)` under `EXAMPLE_KEY`, set with `set_epoch`.
+    `MaftTrainingCollator` seeds each example's augmentation from it, so that the augmentation of an example depends
+    only on the seed, the epoch and the example: not on the process, the worker, the batch or an interruption.
+    """
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], EXAMPLE_KEY: (self.epoch, index)}
 
 
 class MaftTrainingCollator:
@@ -14,7 +38,9 @@ class MaftTrainingCollator:
     Turns examples `{"image": ..., "label": ...}` (PIL images or arrays; the label a map of class indices, with the
     processor's ignore index for unlabelled pixels) into padded model inputs, with the vocabulary `class_names`
     tokenised into every batch (the model caches its embeddings, so this costs nothing after the first batch).
-    With `augmentation`, each example is augmented first (DESIGN.md §4), drawing from a generator seeded with `seed`.
+    With `augmentation`, each example is augmented first (DESIGN.md §4): from a generator seeded with `seed` and the
+    example's `EXAMPLE_KEY` when it has one (`EpochIndexedDataset`, as `train` uses), else from one generator seeded
+    with `seed` for all examples.
     """
 
     def __init__(self, processor: MaftProcessor, class_names: Sequence[str], do_resize: bool = False,
@@ -23,7 +49,11 @@ class MaftTrainingCollator:
         processor.tokenize_class_names(list(class_names))  # fail early on a bad vocabulary
         self.processor, self.class_names, self.do_resize = processor, list(class_names), do_resize
         self.image_column, self.label_column = image_column, label_column
-        self.augmentation, self.rng = augmentation, np.random.default_rng(seed)
+        self.augmentation, self.seed, self.rng = augmentation, seed, np.random.default_rng(seed)
+
+    def example_rng(self, example: dict) -> np.random.Generator:
+        """The generator of one example's augmentation."""
+        return np.random.default_rng([self.seed, *example[EXAMPLE_KEY]]) if EXAMPLE_KEY in example else self.rng
 
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
         missing = {self.image_column, self.label_column} - set(examples[0])
@@ -32,6 +62,9 @@ class MaftTrainingCollator:
         images = [example[self.image_column] for example in examples]
         labels = [example[self.label_column] for example in examples]
         if self.augmentation is not None:
-            pairs = [augment(to_rgb_array(image), to_label_array(label), self.rng, self.augmentation) for image, label in zip(images, labels)]
+            pairs = [
+                augment(to_rgb_array(image), to_label_array(label), self.example_rng(example), self.augmentation)
+                for image, label, example in zip(images, labels, examples)
+            ]
             images, labels = [image for image, _ in pairs], [label for _, label in pairs]
         return self.processor(images=images, segmentation_maps=labels, text=self.class_names, do_resize=self.do_resize)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..modeling_maft import MaftModel
 from ..processing_maft import MaftProcessor
+from .collator import EpochIndexedDataset, MaftTrainingCollator
 
 
 logger = logging.getLogger("maft.training")
@@ -139,7 +140,8 @@ def train(
     """
     Trains `model` for `arguments.stage` on `train_dataset` (a map-style dataset whose items `collate_fn` turns into
     `MaftModel` inputs with `labels`). Runs unchanged under `accelerate launch`. Checkpoints every `save_steps` with
-    `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint exactly.
+    `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint exactly (a
+    `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the example's index).
     """
     output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
@@ -157,6 +159,8 @@ def train(
         model.apply_proposal_training_recipe()
     optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, arguments))
     scheduler = poly_schedule(optimizer, arguments.max_steps, arguments.poly_power)
+    if isinstance(collate_fn, MaftTrainingCollator):  # augmentation seeded per example, so resumption stays exact
+        train_dataset = EpochIndexedDataset(train_dataset)
     loader = DataLoader(train_dataset, batch_size=arguments.per_device_batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
     if len(loader) == 0:
         raise ValueError(f"The training set ({len(train_dataset)} items) is smaller than one batch ({arguments.per_device_batch_size}).")
@@ -177,6 +181,8 @@ def train(
     while step < arguments.max_steps:
         epoch, batches_done = divmod(step * batches_per_step, len(loader))
         loader.set_epoch(epoch)
+        if isinstance(train_dataset, EpochIndexedDataset):
+            train_dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for batch in epoch_loader:
             with accelerator.accumulate(model):
