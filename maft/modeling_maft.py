@@ -936,6 +936,11 @@ class MaftModel(MaftPreTrainedModel):
             model.distillation_teacher.load_state_dict(ip_clip.state_dict())
         return model
 
+    def remove_distillation_teacher(self) -> None:
+        """Drops the frozen copy of CLIP's image tower that only stage-2 training uses: a smaller model to ship or run."""
+        self.distillation_teacher = None
+        self.config.use_distillation_teacher = False
+
     def train(self, mode: bool = True) -> "MaftModel":
         """Sets the training mode, keeping in eval mode what the current `training_stage` freezes."""
         super().train(mode)

@@ -164,6 +164,20 @@ def test_save_and_load_round_trip_and_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(**inputs).class_queries_logits, model(**inputs).class_queries_logits, rtol=0, atol=0)
 
 
+def test_a_model_without_its_distillation_teacher_saves_smaller_and_predicts_the_same(tmp_path):
+    model, processor = tiny_model().eval(), tiny_processor()
+    inputs = processor(images=random_image(64, 48), text=["cat", "dog"])
+    with torch.no_grad():
+        expected = model(**inputs).class_queries_logits
+    model.remove_distillation_teacher()
+    model.save_pretrained(tmp_path)
+    loaded = MaftModel.from_pretrained(tmp_path).eval()
+    assert loaded.distillation_teacher is None and not loaded.config.use_distillation_teacher
+    assert not any(name.startswith("distillation_teacher.") for name in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).class_queries_logits, expected, rtol=0, atol=0)
+
+
 def test_from_clip_pretrained(tmp_path):
     torch.manual_seed(0)
     clip_config = CLIPConfig(
