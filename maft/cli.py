@@ -102,13 +102,27 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def load_dataset_and_classes(name_or_path: str, arguments: argparse.Namespace) -> tuple:
-    """The dataset (columns renamed to image/label) and its class names: from --class-names, else its metadata."""
+def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Namespace, default_split: str) -> tuple:
+    """The dataset (columns image/label), its class names (--class-names, else its metadata) and its ignore index
+    (--ignore-index, else its metadata, else 255): from a saved or Hub dataset, or a benchmark in the original layout."""
+    from maft.training.benchmarks import load_benchmark
     from maft.training.data import load_segmentation_dataset, segmentation_metadata
 
-    dataset = load_segmentation_dataset(name_or_path, arguments.split, arguments.image_column, arguments.label_column)
-    class_names = parse_labels(arguments.class_names) if arguments.class_names else segmentation_metadata(dataset)[0]
-    return dataset, class_names
+    if arguments.benchmark:
+        if not arguments.data_root:
+            raise SystemExit("maft: --benchmark needs --data-root, the folder holding coco/, ade/ and VOCdevkit/")
+        dataset = load_benchmark(arguments.benchmark, arguments.data_root, arguments.split or default_split)
+    else:
+        dataset = load_segmentation_dataset(name_or_path, arguments.split, arguments.image_column, arguments.label_column)
+    try:
+        recorded_names, recorded_ignore_index = segmentation_metadata(dataset)
+    except ValueError:
+        if not arguments.class_names:
+            raise
+        recorded_names, recorded_ignore_index = None, 255
+    class_names = parse_labels(arguments.class_names) if arguments.class_names else recorded_names
+    ignore_index = recorded_ignore_index if arguments.ignore_index is None else arguments.ignore_index
+    return dataset, class_names, ignore_index
 
 
 def train_command(arguments: argparse.Namespace) -> int:
@@ -119,7 +133,7 @@ def train_command(arguments: argparse.Namespace) -> int:
     from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
     from maft.training.augmentation import AugmentationConfig
 
-    dataset, class_names = load_dataset_and_classes(arguments.train_dataset, arguments)
+    dataset, class_names, ignore_index = load_dataset_and_classes(arguments.train_dataset, arguments, default_split="train")
     recipe = {
         key: getattr(arguments, key)
         for key in MaftTrainingArguments.__dataclass_fields__
@@ -129,7 +143,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     model = MaftModel.from_pretrained(arguments.init_from)
     processor = MaftProcessor.from_pretrained(arguments.init_from)
     augmentation = None if arguments.no_augmentation else AugmentationConfig(crop_size=arguments.crop_size)
-    collator = MaftTrainingCollator(processor, class_names, augmentation=augmentation, seed=training_arguments.seed)
+    collator = MaftTrainingCollator(processor, class_names, augmentation=augmentation, seed=training_arguments.seed,
+                                    label_ignore_index=ignore_index)
     trained = train(model, processor, dataset, collator, training_arguments)
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
         trained.save_pretrained(arguments.output_dir)
@@ -143,11 +158,11 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     from maft import MaftModel, MaftProcessor
     from maft.training.evaluation import StreamingConfusionMatrix, format_results_table
 
-    dataset, class_names = load_dataset_and_classes(arguments.dataset, arguments)
+    dataset, class_names, ignore_index = load_dataset_and_classes(arguments.dataset, arguments, default_split="val")
     unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
     processor = MaftProcessor.from_pretrained(arguments.model)
     model = MaftModel.from_pretrained(arguments.model).to(arguments.device).eval()
-    matrix = StreamingConfusionMatrix(len(class_names), arguments.ignore_index)
+    matrix = StreamingConfusionMatrix(len(class_names), ignore_index)
     text_inputs = processor.tokenize_class_names(class_names)
     for example in tqdm(dataset, desc="evaluating", unit="image"):
         image, reference = example["image"], np.array(example["label"])  # writable, for torch
@@ -197,9 +212,15 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
-    parser.add_argument(flag, required=True, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
-    parser.add_argument("--split", help="the split, for datasets that have several")
+    from maft.training.benchmarks import BENCHMARKS
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(flag, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
+    source.add_argument("--benchmark", choices=BENCHMARKS, help="a benchmark, read from --data-root in the original MAFT layout")
+    parser.add_argument("--data-root", help="with --benchmark: the folder holding coco/, ade/ and VOCdevkit/")
+    parser.add_argument("--split", help="the split, for datasets that have several (benchmarks: train or val)")
     parser.add_argument("--class-names", help="class names in label order, comma-separated (default: the dataset's metadata)")
+    parser.add_argument("--ignore-index", type=int, help="label of unlabelled pixels (default: the dataset's metadata, else 255)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--label-column", default="label")
 
@@ -250,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
     evaluator.add_argument("--unseen-class-names", help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
-    evaluator.add_argument("--ignore-index", type=int, default=255)
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     evaluator.set_defaults(handler=evaluate_command)

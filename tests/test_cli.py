@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from maft.cli import main
+from maft.training.benchmarks import benchmark_class_names
 
 
 def test_ipclip_example_prints_a_similarity_matrix(capsys):
@@ -90,3 +91,32 @@ def test_evaluate_command_reports_metrics(tmp_path, capsys):
     assert "| mIoU | fwIoU | mACC | pACC | mIoU-seen | mIoU-unseen | hIoU |" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["mIoU"] <= 100 and 0 <= results["pACC"] <= 100 and "IoU-sky" in results
+
+
+def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index(tmp_path, capsys):
+    from test_benchmark_datasets import ORIGINAL_VAL_LAYOUT, write_split
+    from test_modeling import tiny_model, tiny_processor
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    tiny_processor().save_pretrained(tmp_path / "model")
+    write_split(tmp_path / "data", *ORIGINAL_VAL_LAYOUT["ade20k_847"], num_classes=847, ignore_index=65535)
+    exit_code = main(["evaluate", "--model", str(tmp_path / "model"), "--benchmark", "ade20k_847", "--data-root",
+                      str(tmp_path / "data"), "--output", str(tmp_path / "results.json")])
+    assert exit_code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len([key for key in results if key.startswith("IoU-")]) == 847
+    # each label map: the last class in half of it, its first row 65535, which must be ignored (or it is out of range)
+    last_class = benchmark_class_names("ade20k_847")[-1]
+    assert 0 <= results[f"ACC-{last_class}"] <= 100
+    with pytest.raises(SystemExit, match="--benchmark needs --data-root"):
+        main(["evaluate", "--model", str(tmp_path / "model"), "--benchmark", "ade20k_847"])
+
+
+def test_the_collator_maps_a_dataset_ignore_index_to_the_processor_one():
+    from maft.training import MaftTrainingCollator
+    from test_modeling import random_image, tiny_processor
+
+    label = np.array([[65535, 1], [2, 65535]], dtype=np.int64).repeat(16, axis=0).repeat(16, axis=1)
+    collator = MaftTrainingCollator(tiny_processor(), ["cat", "dog", "sky"], label_ignore_index=65535)
+    labels = collator([{"image": random_image(32, 32), "label": label}])["labels"][0]
+    assert set(labels.unique().tolist()) == {1, 2, 255}

@@ -40,16 +40,18 @@ class MaftTrainingCollator:
     tokenised into every batch (the model caches its embeddings, so this costs nothing after the first batch).
     With `augmentation`, each example is augmented first (DESIGN.md §4): from a generator seeded with `seed` and the
     example's `EXAMPLE_KEY` when it has one (`EpochIndexedDataset`, as `train` uses), else from one generator seeded
-    with `seed` for all examples.
+    with `seed` for all examples. `label_ignore_index`, when the dataset marks unlabelled pixels with another value
+    than the processor (e.g. 65535 in 16-bit label maps), is mapped to the processor's.
     """
 
     def __init__(self, processor: MaftProcessor, class_names: Sequence[str], do_resize: bool = False,
                  image_column: str = "image", label_column: str = "label",
-                 augmentation: AugmentationConfig | None = None, seed: int = 0):
+                 augmentation: AugmentationConfig | None = None, seed: int = 0, label_ignore_index: int | None = None):
         processor.tokenize_class_names(list(class_names))  # fail early on a bad vocabulary
         self.processor, self.class_names, self.do_resize = processor, list(class_names), do_resize
         self.image_column, self.label_column = image_column, label_column
         self.augmentation, self.seed, self.rng = augmentation, seed, np.random.default_rng(seed)
+        self.label_ignore_index = label_ignore_index
 
     def example_rng(self, example: dict) -> np.random.Generator:
         """The generator of one example's augmentation."""
@@ -61,6 +63,9 @@ class MaftTrainingCollator:
             raise KeyError(f"Training examples need the columns {sorted(missing)}; they have {sorted(examples[0])}.")
         images = [example[self.image_column] for example in examples]
         labels = [example[self.label_column] for example in examples]
+        ignore_index = self.processor.image_processor.ignore_index
+        if self.label_ignore_index not in (None, ignore_index):
+            labels = [np.where(label == self.label_ignore_index, ignore_index, label) for label in map(to_label_array, labels)]
         if self.augmentation is not None:
             pairs = [
                 augment(to_rgb_array(image), to_label_array(label), self.example_rng(example), self.augmentation)
