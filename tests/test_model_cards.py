@@ -37,3 +37,16 @@ def test_card_usage_snippet_runs(name, tmp_path):
     namespace = {}
     exec(snippet, namespace)
     assert tuple(namespace["label_map"].shape) == (480, 640)
+
+
+def test_the_bundled_model_card_states_what_the_reproduction_measured_and_its_snippet_runs_as_written():
+    card = ModelCard.load(CARDS / "maft-mini.md")
+    assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "maft"
+    assert card.data.license == "apache-2.0" and card.data.model_name == "maft-mini"
+    seen, unseen, harmonic = (result.metric_value for result in card.data.eval_results)
+    assert 0 < unseen <= 100 and 0 < seen <= 100
+    assert abs(harmonic - 2 * seen * unseen / (seen + unseen)) < 0.1
+    snippet = re.search(r"## Use\n\n```python\n(.*?)```", card.text, re.DOTALL).group(1)
+    namespace = {}
+    exec(snippet, namespace)
+    assert tuple(namespace["label_map"].shape) == (96, 96)
