@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from maft import MaftModel
 from maft.miniature.reproduce import BASELINE, MAFT, MiniatureRecipe, reproduce_miniature
@@ -116,3 +117,29 @@ def test_the_reproduction_runs_end_to_end_and_continues_after_an_interruption(tm
     (tmp_path / "results.json").unlink()
     assert json.dumps(reproduce_miniature(tmp_path, recipe)) == json.dumps(saved["results"])
     assert "maft train" not in capsys.readouterr().out
+
+
+def test_clip_pretraining_keeps_a_scene_and_its_twin_in_one_batch(monkeypatch):
+    from maft.miniature.clip_pretraining import pretrain_clip, small_clip_config
+    from maft.miniature.reproduce import MiniatureRecipe, image_processor_for
+
+    pairs = build_dataset("pretraining", 12, seed=0, spec=SceneSpec(size=32), twins=True)
+    tokenizer = train_clip_tokenizer(pairs["caption"])
+    config = small_clip_config(len(tokenizer), image_size=32, width=16)
+    processor = image_processor_for(MiniatureRecipe(image_size=32))
+    with pytest.raises(ValueError, match="multiples of `group_size`"):
+        pretrain_clip(pairs, tokenizer, processor, config, steps=1, batch_size=5, group_size=2)
+    seen_batches = []
+    original = tokenizer.__class__.__call__
+
+    def recording(self, text, **kwargs):
+        seen_batches.append(list(text))
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+    pretrain_clip(pairs, tokenizer, processor, config, steps=3, batch_size=4, group_size=2)
+    captions = pairs["caption"]
+    twins = {frozenset((captions[index], captions[index + 1])) for index in range(0, len(captions), 2)}
+    assert len(seen_batches) == 3
+    for batch in seen_batches:
+        assert {frozenset(batch[index : index + 2]) for index in range(0, len(batch), 2)} <= twins
