@@ -113,6 +113,7 @@ def test_the_reproduction_runs_end_to_end_and_continues_after_an_interruption(tm
     assert len(list((tmp_path / "bundle" / "examples").glob("scene-*-labels.png"))) == recipe.bundled_examples
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["recipe"]["seed"] == 0 and json.dumps(saved["results"]) == json.dumps(results)
+    assert {"world", "clip pre-training", "stage 1", "stage 2"} <= set(saved["seconds"])
     # a rerun finds every step done and only reprints the table
     (tmp_path / "results.json").unlink()
     assert json.dumps(reproduce_miniature(tmp_path, recipe)) == json.dumps(saved["results"])

@@ -8,7 +8,9 @@ interrupted run continues where it stopped (a training stage from its newest che
 
 import json
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,22 +167,35 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def reproduce_miniature(output_dir: str | Path, recipe: MiniatureRecipe = MiniatureRecipe()) -> dict[str, dict]:
+def reproduce_miniature(output_dir: str | Path, recipe: MiniatureRecipe | None = None) -> dict[str, dict]:
     """Runs the whole miniature pipeline under `output_dir` and prints the results table; returns the evaluation of
-    the frozen-CLIP baseline (the model after stage 1) and of MAFT (after stage 2), also written with the recipe to
-    `results.json`. The model and examples the package ships are written to `output_dir/bundle`."""
+    the frozen-CLIP baseline (the model after stage 1) and of MAFT (after stage 2), also written with the recipe and
+    the seconds each step took in this call to `results.json`. The package's model and examples go to `output_dir/bundle`."""
+    recipe = recipe or MiniatureRecipe()
     root = Path(output_dir)
     data_dir = root / "data"
-    build_world(recipe, data_dir)
-    write_once(root / "clip", lambda folder: pretrain(recipe, data_dir, folder))
+    seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        seconds[step] = round(time.perf_counter() - start, 1)
+
+    with timed("world"):
+        build_world(recipe, data_dir)
+    with timed("clip pre-training"):
+        write_once(root / "clip", lambda folder: pretrain(recipe, data_dir, folder))
     write_once(root / "init", lambda folder: initial_model(recipe, root / "clip", folder))
-    train_stage("proposals", recipe, data_dir, root / "init", root / "proposals")
-    train_stage("maft", recipe, data_dir, root / "proposals" / "model", root / "maft")
-    results = {
-        BASELINE: evaluate_model(root / "proposals" / "model", data_dir, root / "evaluation_frozen_clip.json"),
-        MAFT: evaluate_model(root / "maft" / "model", data_dir, root / "evaluation_maft.json"),
-    }
+    with timed("stage 1"):
+        train_stage("proposals", recipe, data_dir, root / "init", root / "proposals")
+    with timed("stage 2"):
+        train_stage("maft", recipe, data_dir, root / "proposals" / "model", root / "maft")
+    results = {}
+    for name, stage, output in ((BASELINE, "proposals", "evaluation_frozen_clip.json"), (MAFT, "maft", "evaluation_maft.json")):
+        with timed(f"evaluation: {name}"):
+            results[name] = evaluate_model(root / stage / "model", data_dir, root / output)
     write_once(root / "bundle", lambda folder: write_bundle(recipe, root / "maft" / "model", folder))
-    (root / "results.json").write_text(json.dumps({"recipe": asdict(recipe), "results": results}, indent=2))
+    (root / "results.json").write_text(json.dumps({"recipe": asdict(recipe), "results": results, "seconds": seconds}, indent=2))
     print(results_table(results))
     return results
