@@ -33,7 +33,7 @@ BASELINE, MAFT = "frozen CLIP (after stage 1)", "MAFT (after stage 2)"
 
 @dataclass
 class MiniatureRecipe:
-    """Sizes and schedules of the miniature reproduction (the defaults take about 16 minutes on 2 CPU cores)."""
+    """Sizes and schedules of the miniature reproduction (the defaults take about 15 minutes on 2 CPU cores)."""
 
     seed: int = 0
     image_size: int = 96
