@@ -139,7 +139,8 @@ def train_command(arguments: argparse.Namespace) -> int:
         for key in MaftTrainingArguments.__dataclass_fields__
         if getattr(arguments, key, None) is not None
     }
-    training_arguments = MaftTrainingArguments(**recipe)
+    dataset_name = arguments.benchmark or arguments.train_dataset
+    training_arguments = MaftTrainingArguments(**recipe, base_model=arguments.init_from, dataset_name=dataset_name)
     model = MaftModel.from_pretrained(arguments.init_from)
     processor = MaftProcessor.from_pretrained(arguments.init_from)
     augmentation = None if arguments.no_augmentation else AugmentationConfig(crop_size=arguments.crop_size)

@@ -284,29 +284,10 @@ def convert_original_checkpoint(checkpoint, original_config=None, **config_overr
     return model
 
 
-MODEL_CARD_TEMPLATE = """# {name}: MAFT, CLIP {clip}
-
-Open-vocabulary semantic segmentation with MAFT (Mask-aware Fine-Tuning of CLIP, Jiao et al., NeurIPS 2023): a
-Mask2Former-style proposal generator proposes {num_queries} class-agnostic masks, and IP-CLIP classifies all of them
-against any class names in one CLIP pass. Converted with `maft convert` from the original checkpoint `{source}`
-(detectron2 format). IP-CLIP masks from layer {mask_start_layer} of {num_layers}.
-
-## Use
-
-```python
-from PIL import Image
-from maft import MaftModel, MaftProcessor
-
-model_id = "{name}"  # this folder, or its Hub id
-processor = MaftProcessor.from_pretrained(model_id)
-model = MaftModel.from_pretrained(model_id)
-image = Image.new("RGB", (640, 480), "gray")  # your image
-inputs = processor(images=image, text=["sky", "tree", "road"], return_tensors="pt")
-outputs = model(**inputs)
-label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
-```
-
-## Source
+CONVERTED_CARD_TEXT = """MAFT with CLIP {clip}. Open-vocabulary semantic segmentation with MAFT (Mask-aware Fine-Tuning of CLIP, Jiao
+et al., NeurIPS 2023): a Mask2Former-style proposal generator proposes {num_queries} class-agnostic masks, and IP-CLIP
+classifies all of them against any class names in one CLIP pass. Converted with `maft convert` from the original
+checkpoint `{source}` (detectron2 format). IP-CLIP masks from layer {mask_start_layer} of {num_layers}.
 
 The original implementation: https://github.com/jiaosiyu1999/MAFT (paper: https://arxiv.org/abs/2310.00240). The
 weights are the original authors'; their license is theirs to state.
@@ -315,19 +296,10 @@ weights are the original authors'; their license is theirs to state.
 
 def converted_model_card(model: MaftModel, source: str | os.PathLike | None = None, name: str | None = None):
     """A `huggingface_hub.ModelCard` for a converted model: Hub metadata, where it came from and how to use it."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from .model_card import maft_model_card
 
     vision = model.config.vision_config
-    name = name or "maft"
-    data = ModelCardData(
-        library_name="maft",
-        pipeline_tag="image-segmentation",
-        license="unknown",
-        tags=["open-vocabulary-segmentation", "semantic-segmentation", "zero-shot", "clip", "maft"],
-        model_name=name,
-    )
-    text = MODEL_CARD_TEMPLATE.format(
-        name=name,
+    text = CONVERTED_CARD_TEXT.format(
         clip={(768, 16): "ViT-B/16", (1024, 14): "ViT-L/14"}.get(
             (vision.hidden_size, vision.patch_size), f"image tower of width {vision.hidden_size}, patch {vision.patch_size}"
         ),
@@ -336,7 +308,7 @@ def converted_model_card(model: MaftModel, source: str | os.PathLike | None = No
         mask_start_layer=vision.mask_start_layer,
         num_layers=vision.num_hidden_layers,
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+    return maft_model_card(name or "maft", text, license="unknown")
 
 
 def write_converted_model(

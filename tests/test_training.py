@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from maft import MaftModel
 from maft.training import MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
@@ -56,8 +57,8 @@ def interrupted_then_resumed(tmp_path, monkeypatch, **overrides) -> MaftModel:
     """`run`, stopped right after its first checkpoint, then resumed from it."""
     save = train_module.save_checkpoint
 
-    def save_then_stop(accelerator, model, processor, output_dir, step, publisher):
-        save(accelerator, model, processor, output_dir, step, publisher)
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
@@ -127,10 +128,15 @@ def test_a_partial_checkpoint_is_never_taken_as_complete(tmp_path):
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
-def test_checkpoints_are_published_to_the_hub(tmp_path, hub_server):
-    run(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained")
+def test_checkpoints_are_published_to_the_hub_with_a_model_card(tmp_path, hub_server):
+    run(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained", base_model="openai/clip-vit-base-patch16",
+        dataset_name="user/scenes")
     files = hub_server.files("user/maft-trained")
-    assert {"config.json", "model.safetensors", "processor_config.json"} <= set(files)
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "maft" and card.data.model_name == "user/maft-trained"
+    assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.datasets == ["user/scenes"]
+    assert "step 4 of 4" in card.text and "| learning_rate | 0.001 |" in card.text and "| mask_aware_loss |" in card.text
     assert len(hub_server.repositories["user/maft-trained"].commits) == 3  # creation, step 2, step 4
     assert isinstance(MaftModel.from_pretrained("user/maft-trained"), MaftModel)
 

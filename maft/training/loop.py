@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from huggingface_hub import ModelCard
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -23,6 +24,7 @@ from .collator import EpochIndexedDataset, MaftTrainingCollator
 logger = logging.getLogger("maft.training")
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CARD_OMITTED_ARGUMENTS = {"output_dir", "resume", "push_to_hub", "hub_model_id", "hub_upload_retries", "trackers", "base_model", "dataset_name"}
 STAGE_DEFAULTS = {
     # stage: (learning rate, weight decay, steps), DESIGN.md §4
     "maft": (1e-5, 1e-4, 1000),
@@ -32,7 +34,8 @@ STAGE_DEFAULTS = {
 
 @dataclass
 class MaftTrainingArguments:
-    """Every recipe value of DESIGN.md §4; `None` takes the stage's published value."""
+    """Every recipe value of DESIGN.md §4; `None` takes the stage's published value. `base_model` and `dataset_name`
+    (what training started from and ran on) only go into the model cards of the checkpoints."""
 
     output_dir: str
     stage: str = "maft"
@@ -53,6 +56,8 @@ class MaftTrainingArguments:
     hub_model_id: str | None = None
     hub_upload_retries: int = 3
     trackers: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    dataset_name: str | None = None
 
     def __post_init__(self):
         if self.stage not in STAGE_DEFAULTS:
@@ -202,7 +207,8 @@ def train(
             if step % arguments.logging_steps == 0:
                 accelerator.log({"loss": outputs.loss.item(), "learning_rate": scheduler.get_last_lr()[0], **losses}, step=step)
             if step % arguments.save_steps == 0 or step == arguments.max_steps:
-                save_checkpoint(accelerator, model, processor, output_dir, step, publisher)
+                card = training_model_card(arguments, step, losses) if accelerator.is_main_process else None
+                save_checkpoint(accelerator, model, processor, output_dir, step, publisher, card)
             if step >= arguments.max_steps:
                 break
     progress.close()
@@ -212,9 +218,45 @@ def train(
     return accelerator.unwrap_model(model)
 
 
-def save_checkpoint(accelerator: Accelerator, model, processor, output_dir: Path, step: int, publisher: HubPublisher | None) -> None:
-    """`checkpoint-{step}`: the training state (to resume) and a `save_pretrained` model and processor (to use or
-    publish). Written as `.partial` and renamed when complete, so an interrupted write never looks complete."""
+STAGE_DESCRIPTIONS = {
+    "proposals": "stage 1: the proposal generator trained with CLIP frozen",
+    "maft": "stage 2: IP-CLIP fine-tuned with MAFT's mask-aware loss and self-distillation, the proposal generator frozen",
+}
+
+
+def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dict[str, float]) -> ModelCard:
+    """The card of a checkpoint: what was trained from what on which data, the recipe, and the losses at `step`."""
+    from ..model_card import maft_model_card
+
+    name = arguments.hub_model_id or Path(arguments.output_dir).name
+    recipe = {key: value for key, value in asdict(arguments).items() if key not in CARD_OMITTED_ARGUMENTS}
+    text = "\n".join([
+        f"MAFT ({STAGE_DESCRIPTIONS[arguments.stage]}), trained with `maft train`: step {step} of {arguments.max_steps}, "
+        f"from `{arguments.base_model or 'unknown'}` on `{arguments.dataset_name or 'unknown'}`.",
+        "",
+        "## Recipe",
+        "",
+        "| option | value |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in recipe.items()),
+        "",
+        f"## Training losses at step {step}",
+        "",
+        "| loss | value |",
+        "|---|---|",
+        *(f"| {key} | {value:.4f} |" for key, value in losses.items()),
+    ])
+    # the Hub links a base model by its id: a local folder is named in the text only
+    metadata = {"base_model": arguments.base_model} if arguments.base_model and not Path(arguments.base_model).exists() else {}
+    if arguments.dataset_name:
+        metadata["datasets"] = [arguments.dataset_name]
+    return maft_model_card(name, text, **metadata)
+
+
+def save_checkpoint(accelerator: Accelerator, model, processor, output_dir: Path, step: int, publisher: HubPublisher | None,
+                    card: ModelCard | None = None) -> None:
+    """`checkpoint-{step}`: the training state (to resume) and a `save_pretrained` model and processor with `card` as
+    README.md (to use or publish). Written as `.partial` and renamed when complete, so an interrupted write never looks complete."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     partial = output_dir / f"{CHECKPOINT_PREFIX}{step}.partial"
     if accelerator.is_main_process:
@@ -224,6 +266,8 @@ def save_checkpoint(accelerator: Accelerator, model, processor, output_dir: Path
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(partial / "model")
         processor.save_pretrained(partial / "model")
+        if card is not None:
+            card.save(partial / "model" / "README.md")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if publisher is not None:
