@@ -6,7 +6,6 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -151,28 +150,36 @@ def train_command(arguments: argparse.Namespace) -> int:
         trained.save_pretrained(arguments.output_dir)
         processor.save_pretrained(arguments.output_dir)
         print(f"trained {training_arguments.max_steps} steps; model saved to {arguments.output_dir}")
+        if arguments.eval_dataset:
+            evaluate_after_training(trained, processor, arguments, class_names)
     return 0
+
+
+def evaluate_after_training(model, processor, arguments: argparse.Namespace, class_names: list[str]) -> None:
+    """`--eval-dataset`: the trained model's metrics, printed and written to `eval_results.json` in the output folder."""
+    from maft.training.data import load_segmentation_dataset, segmentation_metadata
+    from maft.training.evaluation import evaluate_on_dataset, format_results_table
+
+    dataset = load_segmentation_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
+    try:
+        eval_class_names, ignore_index = segmentation_metadata(dataset)
+    except ValueError:  # a dataset without metadata: the training vocabulary and the given or default ignore index
+        eval_class_names, ignore_index = class_names, 255 if arguments.ignore_index is None else arguments.ignore_index
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=device)
+    print(format_results_table(results))
+    Path(arguments.output_dir, "eval_results.json").write_text(json.dumps(results, indent=2))
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
     """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
     from maft import MaftModel, MaftProcessor
-    from maft.training.evaluation import StreamingConfusionMatrix, format_results_table
+    from maft.training.evaluation import evaluate_on_dataset, format_results_table
 
     dataset, class_names, ignore_index = load_dataset_and_classes(arguments.dataset, arguments, default_split="val")
     unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
-    processor = MaftProcessor.from_pretrained(arguments.model)
-    model = MaftModel.from_pretrained(arguments.model).to(arguments.device).eval()
-    matrix = StreamingConfusionMatrix(len(class_names), ignore_index)
-    text_inputs = processor.tokenize_class_names(class_names)
-    for example in tqdm(dataset, desc="evaluating", unit="image"):
-        image, reference = example["image"], np.array(example["label"])  # writable, for torch
-        inputs = processor(images=image).to(arguments.device)
-        with torch.inference_mode():
-            outputs = model(**inputs, **{key: value.to(arguments.device) for key, value in text_inputs.items()})
-        prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[reference.shape])[0]
-        matrix.update(prediction.cpu(), reference)
-    results = matrix.compute(class_names, unseen)
+    model, processor = MaftModel.from_pretrained(arguments.model), MaftProcessor.from_pretrained(arguments.model)
+    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, unseen, arguments.device)
     print(format_results_table(results))
     if arguments.output:
         Path(arguments.output).write_text(json.dumps(results, indent=2))
@@ -244,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = commands.add_parser("train", help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
     trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
     add_dataset_arguments(trainer, "--train-dataset")
+    trainer.add_argument("--eval-dataset", help="after training, evaluate on this dataset (saved or Hub): eval_results.json")
+    trainer.add_argument("--eval-split", help="the split of --eval-dataset, if it has several")
     trainer.add_argument("--crop-size", type=int, default=640, help="training crops (DESIGN.md §4 augmentation)")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")

@@ -65,18 +65,21 @@ def test_segment_rejects_empty_labels(capsys):
     assert "comma-separated list of non-empty class names" in capsys.readouterr().err
 
 
-def test_train_command_trains_and_saves(tmp_path, capsys):
+def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):
     from test_training import CLASS_NAMES, save_training_inputs
 
     save_training_inputs(tmp_path)
     exit_code = main([
         "train", "--train-dataset", str(tmp_path / "data"), "--class-names", ", ".join(CLASS_NAMES),
-        "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),
+        "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"), "--eval-dataset", str(tmp_path / "data"),
         "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "2", "--learning-rate", "1e-3",
     ])
     assert exit_code == 0
-    assert "trained 2 steps" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "trained 2 steps" in output and "| mIoU | fwIoU | mACC | pACC |" in output
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert 0 <= results["mIoU"] <= 100 and {f"IoU-{name}" for name in CLASS_NAMES} <= set(results)
 
 
 def test_evaluate_command_reports_metrics(tmp_path, capsys):
