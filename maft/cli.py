@@ -101,11 +101,25 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_classes(dataset, default_class_names: list[str] | None, ignore_index: int | None) -> tuple[list[str], int]:
+    """(class names, ignore index) recorded in the dataset's metadata; without metadata, `default_class_names` (an
+    error if there are none) and 255. A given `ignore_index` replaces either."""
+    from maft.training.data import segmentation_metadata
+
+    try:
+        class_names, recorded_ignore_index = segmentation_metadata(dataset)
+    except ValueError:
+        if default_class_names is None:
+            raise
+        class_names, recorded_ignore_index = default_class_names, 255
+    return class_names, recorded_ignore_index if ignore_index is None else ignore_index
+
+
 def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Namespace, default_split: str) -> tuple:
     """The dataset (columns image/label), its class names (--class-names, else its metadata) and its ignore index
     (--ignore-index, else its metadata, else 255): from a saved or Hub dataset, or a benchmark in the original layout."""
     from maft.training.benchmarks import load_benchmark
-    from maft.training.data import load_segmentation_dataset, segmentation_metadata
+    from maft.training.data import load_segmentation_dataset
 
     if arguments.benchmark:
         if not arguments.data_root:
@@ -113,15 +127,9 @@ def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Names
         dataset = load_benchmark(arguments.benchmark, arguments.data_root, arguments.split or default_split)
     else:
         dataset = load_segmentation_dataset(name_or_path, arguments.split, arguments.image_column, arguments.label_column)
-    try:
-        recorded_names, recorded_ignore_index = segmentation_metadata(dataset)
-    except ValueError:
-        if not arguments.class_names:
-            raise
-        recorded_names, recorded_ignore_index = None, 255
-    class_names = parse_labels(arguments.class_names) if arguments.class_names else recorded_names
-    ignore_index = recorded_ignore_index if arguments.ignore_index is None else arguments.ignore_index
-    return dataset, class_names, ignore_index
+    given_names = parse_labels(arguments.class_names) if arguments.class_names else None
+    recorded_names, ignore_index = recorded_classes(dataset, given_names, arguments.ignore_index)
+    return dataset, given_names or recorded_names, ignore_index
 
 
 def train_command(arguments: argparse.Namespace) -> int:
@@ -157,14 +165,12 @@ def train_command(arguments: argparse.Namespace) -> int:
 
 def evaluate_after_training(model, processor, arguments: argparse.Namespace, class_names: list[str]) -> None:
     """`--eval-dataset`: the trained model's metrics, printed and written to `eval_results.json` in the output folder."""
-    from maft.training.data import load_segmentation_dataset, segmentation_metadata
+    from maft.training.data import load_segmentation_dataset
     from maft.training.evaluation import evaluate_on_dataset, format_results_table
 
     dataset = load_segmentation_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
-    try:
-        eval_class_names, ignore_index = segmentation_metadata(dataset)
-    except ValueError:  # a dataset without metadata: the training vocabulary and the given or default ignore index
-        eval_class_names, ignore_index = class_names, 255 if arguments.ignore_index is None else arguments.ignore_index
+    # its own recorded vocabulary, in its label order; without one, the training vocabulary
+    eval_class_names, ignore_index = recorded_classes(dataset, class_names, arguments.ignore_index)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=device)
     print(format_results_table(results))

@@ -68,13 +68,12 @@ def _shape_mask(shape: str, centre: np.ndarray, radius: float, angle: float, siz
     y, x = rows - centre[0], columns - centre[1]
     if shape == "circle":
         return x**2 + y**2 <= radius**2
-    # rotate the pixel grid into the shape's frame
-    u, v = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
-    if shape == "square":
+    if shape == "square":  # in the square's frame: the pixel grid rotated by `angle`
+        u, v = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
         half = radius * 0.85
         return (np.abs(u) <= half) & (np.abs(v) <= half)
     # an equilateral triangle: three half-planes; an inradius of 0.65 radius gives about the area of the square
-    inside = np.ones_like(u, dtype=bool)
+    inside = np.ones_like(x, dtype=bool)
     for edge in range(3):
         normal = angle + edge * 2 * np.pi / 3
         inside &= x * np.cos(normal) + y * np.sin(normal) <= 0.65 * radius

@@ -24,7 +24,6 @@ from .collator import EpochIndexedDataset, MaftTrainingCollator
 logger = logging.getLogger("maft.training")
 
 CHECKPOINT_PREFIX = "checkpoint-"
-CARD_OMITTED_ARGUMENTS = {"output_dir", "resume", "push_to_hub", "hub_model_id", "hub_upload_retries", "trackers", "base_model", "dataset_name"}
 STAGE_DEFAULTS = {
     # stage: (learning rate, weight decay, steps), DESIGN.md §4
     "maft": (1e-5, 1e-4, 1000),
@@ -218,6 +217,8 @@ def train(
     return accelerator.unwrap_model(model)
 
 
+# what says where and how a run goes, not how it trains: left out of a checkpoint card's recipe table
+CARD_OMITTED_ARGUMENTS = {"output_dir", "resume", "push_to_hub", "hub_model_id", "hub_upload_retries", "trackers", "base_model", "dataset_name"}
 STAGE_DESCRIPTIONS = {
     "proposals": "stage 1: the proposal generator trained with CLIP frozen",
     "maft": "stage 2: IP-CLIP fine-tuned with MAFT's mask-aware loss and self-distillation, the proposal generator frozen",
