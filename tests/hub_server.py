@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Repository:
     commits: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
+    private: bool = False
 
     def snapshot(self, revision: str = "main") -> tuple[str, dict[str, bytes]] | None:
         """(commit sha, files) at `revision`: "main" or a commit sha (or a prefix of one)."""
@@ -125,7 +126,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         url = f"{self.server_hub.endpoint}/{repo_id}"
         if repo_id in self.server_hub.repositories:
             return self.send_json(409, {"error": "You already created this model repo", "url": url})
-        self.server_hub.repositories[repo_id] = Repository()
+        # huggingface_hub >= 1.0 sends `visibility`; older clients sent `private`
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        self.server_hub.repositories[repo_id] = Repository(private=private)
         self.server_hub.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, [])
         self.send_json(200, {"url": url, "name": repo_id})
 
@@ -134,7 +137,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if snapshot:
             sha, files = snapshot
             siblings = [{"rfilename": path} for path in sorted(files)]
-            self.send_json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "siblings": siblings})
+            self.send_json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": self.server_hub.repositories[repo_id].private, "siblings": siblings})
 
     def tree(self, repo_id: str, revision: str, folder: str) -> None:
         snapshot = self.snapshot_or_404(repo_id, revision)

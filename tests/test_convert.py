@@ -171,6 +171,9 @@ def test_convert_push_to_hub_gives_the_same_model_as_the_local_folder(hub_server
     # A second conversion into the same repository is one more commit, not an error.
     assert main([*arguments, "--push-to-hub", "maft-org/maft-golden"]) == 0
     assert len(hub_server.repositories["maft-org/maft-golden"].commits) == 3
+    assert not hub_server.repositories["maft-org/maft-golden"].private
+    assert main([*arguments, "--push-to-hub", "maft-org/maft-golden-private", "--private"]) == 0
+    assert hub_server.repositories["maft-org/maft-golden-private"].private
 
 
 def test_the_converted_folder_has_a_model_card(tmp_path):
