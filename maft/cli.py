@@ -104,7 +104,7 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
 def recorded_classes(dataset, default_class_names: list[str] | None, ignore_index: int | None) -> tuple[list[str], int]:
     """(class names, ignore index) recorded in the dataset's metadata; without metadata, `default_class_names` (an
     error if there are none) and 255. A given `ignore_index` replaces either."""
-    from maft.training.data import segmentation_metadata
+    from maft.segmentation_data import segmentation_metadata
 
     try:
         class_names, recorded_ignore_index = segmentation_metadata(dataset)
@@ -118,8 +118,8 @@ def recorded_classes(dataset, default_class_names: list[str] | None, ignore_inde
 def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Namespace, default_split: str) -> tuple:
     """The dataset (columns image/label), its class names (--class-names, else its metadata) and its ignore index
     (--ignore-index, else its metadata, else 255): from a saved or Hub dataset, or a benchmark in the original layout."""
-    from maft.training.benchmarks import load_benchmark
-    from maft.training.data import load_segmentation_dataset
+    from maft.evaluation.benchmark_datasets import load_benchmark
+    from maft.segmentation_data import load_segmentation_dataset
 
     if arguments.benchmark:
         if not arguments.data_root:
@@ -132,41 +132,51 @@ def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Names
     return dataset, given_names or recorded_names, ignore_index
 
 
+# command-line option -> recipe value (maft.training.recipes); an option left out keeps the stage's value
+RECIPE_OPTIONS = {
+    "max_steps": "max_steps", "learning_rate": "learning_rate", "weight_decay": "weight_decay",
+    "backbone_lr_multiplier": "backbone_lr_multiplier", "gradient_clip_norm": "gradient_clip_norm",
+    "poly_power": "poly_power", "per_device_batch_size": "batch_size", "seed": "seed",
+}
+RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "logging_steps")
+
+
 def train_command(arguments: argparse.Namespace) -> int:
     """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
+    import dataclasses
+
     from accelerate import PartialState
 
-    from maft import MaftModel, MaftProcessor
-    from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
-    from maft.training.augmentation import AugmentationConfig
+    from maft.training import MaftTrainingArguments, get_recipe, train_from_pretrained
 
     dataset, class_names, ignore_index = load_dataset_and_classes(arguments.train_dataset, arguments, default_split="train")
-    recipe = {
-        key: getattr(arguments, key)
-        for key in MaftTrainingArguments.__dataclass_fields__
-        if getattr(arguments, key, None) is not None
-    }
-    dataset_name = arguments.benchmark or arguments.train_dataset
-    training_arguments = MaftTrainingArguments(**recipe, base_model=arguments.init_from, dataset_name=dataset_name)
-    model = MaftModel.from_pretrained(arguments.init_from)
-    processor = MaftProcessor.from_pretrained(arguments.init_from)
-    augmentation = None if arguments.no_augmentation else AugmentationConfig(crop_size=arguments.crop_size)
-    collator = MaftTrainingCollator(processor, class_names, augmentation=augmentation, seed=training_arguments.seed,
-                                    label_ignore_index=ignore_index)
-    trained = train(model, processor, dataset, collator, training_arguments)
+    recipe = get_recipe(arguments.stage)
+    recipe = recipe.replace(
+        **{value: getattr(arguments, option) for option, value in RECIPE_OPTIONS.items() if getattr(arguments, option) is not None}
+    )
+    if arguments.crop_size is not None:
+        recipe = recipe.replace(augmentation=dataclasses.replace(recipe.augmentation, crop_size=arguments.crop_size))
+    training_arguments = MaftTrainingArguments(
+        output_dir=arguments.output_dir, recipe=recipe, resume=arguments.resume, push_to_hub=arguments.push_to_hub,
+        hub_model_id=arguments.hub_model_id, base_model=arguments.init_from,
+        dataset_name=arguments.benchmark or arguments.train_dataset,
+        **{option: getattr(arguments, option) for option in RUN_OPTIONS if getattr(arguments, option) is not None},
+    )
+    trained = train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
+                                    augment=not arguments.no_augmentation)
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
-        trained.save_pretrained(arguments.output_dir)
-        processor.save_pretrained(arguments.output_dir)
-        print(f"trained {training_arguments.max_steps} steps; model saved to {arguments.output_dir}")
+        print(f"trained {recipe.max_steps} steps; model saved to {arguments.output_dir}")
         if arguments.eval_dataset:
-            evaluate_after_training(trained, processor, arguments, class_names)
+            from maft import MaftProcessor
+
+            evaluate_after_training(trained, MaftProcessor.from_pretrained(arguments.output_dir), arguments, class_names)
     return 0
 
 
 def evaluate_after_training(model, processor, arguments: argparse.Namespace, class_names: list[str]) -> None:
     """`--eval-dataset`: the trained model's metrics, printed and written to `eval_results.json` in the output folder."""
-    from maft.training.data import load_segmentation_dataset
-    from maft.training.evaluation import evaluate_on_dataset, format_results_table
+    from maft.segmentation_data import load_segmentation_dataset
+    from maft.evaluation import evaluate_on_dataset, format_results_table
 
     dataset = load_segmentation_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
     # its own recorded vocabulary, in its label order; without one, the training vocabulary
@@ -180,7 +190,7 @@ def evaluate_after_training(model, processor, arguments: argparse.Namespace, cla
 def evaluate_command(arguments: argparse.Namespace) -> int:
     """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
     from maft import MaftModel, MaftProcessor
-    from maft.training.evaluation import evaluate_on_dataset, format_results_table
+    from maft.evaluation import evaluate_on_dataset, format_results_table
 
     dataset, class_names, ignore_index = load_dataset_and_classes(arguments.dataset, arguments, default_split="val")
     unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
@@ -226,7 +236,7 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
-    from maft.training.benchmarks import BENCHMARKS
+    from maft.evaluation.benchmark_datasets import BENCHMARKS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(flag, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
@@ -259,23 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(trainer, "--train-dataset")
     trainer.add_argument("--eval-dataset", help="after training, evaluate on this dataset (saved or Hub): eval_results.json")
     trainer.add_argument("--eval-split", help="the split of --eval-dataset, if it has several")
-    trainer.add_argument("--crop-size", type=int, default=640, help="training crops (DESIGN.md §4 augmentation)")
+    trainer.add_argument("--crop-size", type=int, help="training crops (DESIGN.md §4 augmentation); default: the recipe's")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     trainer.add_argument("--push-to-hub", action="store_true")
     trainer.add_argument("--hub-model-id")
+    recipe_help = "default: the stage's recipe (maft.training.recipes: PROPOSAL_GENERATOR_RECIPE, MASK_AWARE_FINE_TUNING_RECIPE)"
     for name, kind, help_text in (
-        ("max-steps", int, "default: 1000 (maft), 60000 (proposals)"),
-        ("learning-rate", float, "default: 1e-5 (maft), 1.5e-4 (proposals)"),
-        ("weight-decay", float, "default: 1e-4 (maft), 1.5e-4 (proposals); none on norms and embeddings"),
-        ("backbone-lr-multiplier", float, "default: 0.1"),
-        ("gradient-clip-norm", float, "over all parameters; default: 0.01"),
-        ("poly-power", float, "default: 0.9"),
-        ("per-device-batch-size", int, "default: 16"),
+        ("max-steps", int, recipe_help),
+        ("learning-rate", float, recipe_help),
+        ("weight-decay", float, recipe_help + "; none on normalization layers and embeddings"),
+        ("backbone-lr-multiplier", float, recipe_help),
+        ("gradient-clip-norm", float, "over all parameters; " + recipe_help),
+        ("poly-power", float, recipe_help),
+        ("per-device-batch-size", int, recipe_help),
+        ("seed", int, recipe_help),
         ("gradient-accumulation-steps", int, "default: 1"),
-        ("seed", int, "default: 123"),
         ("save-steps", int, "checkpoint every N steps; default: 100"),
         ("logging-steps", int, "default: 10"),
     ):

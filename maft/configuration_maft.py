@@ -6,6 +6,17 @@ from typing import Any, ClassVar, Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# Attributes that configurations saved by maft 0.1.0.dev0 carry, now owned by the training recipe or the processor.
+RETIRED_MAFT_CONFIG_ATTRIBUTES = (
+    "training_stage", "use_distillation_teacher", "ignore_index", "clip_image_size", "prompt_templates",
+    "mask_aware_loss_weight", "distillation_loss_weight", "class_loss_weight", "mask_loss_weight", "dice_loss_weight",
+    "no_object_weight",
+)
 
 
 VILD_PROMPT_TEMPLATES = (
@@ -193,25 +204,13 @@ class MaftConfig(PreTrainedConfig):
         Dimension of CLIP's joint image-text space.
     logit_scale (`float`, *optional*, defaults to 100.0):
         Fixed temperature of every class logit: `logit_scale * cos(embedding, text)`.
-    clip_image_size (`int`, *optional*, defaults to 480):
-        Side of the square image IP-CLIP sees (the padded input is resized to it).
     ensemble_weight (`float`, *optional*, defaults to 0.0):
         Weight lambda of the in-vocabulary scores in `p_in^lambda * p_clip^(1 - lambda)` for seen classes (swapped
         for unseen ones). The released MAFT models use 0: IP-CLIP's scores only.
-    prompt_templates (`list[str]`, *optional*):
-        The prompt templates class names are put into; defaults to the 14 ViLD templates.
-    use_distillation_teacher (`bool`, *optional*, defaults to `True`):
-        Keep a frozen copy of the original CLIP image tower for MAFT's self-distillation. Only training needs it.
-    training_stage (`str`, *optional*, defaults to `"maft"`):
-        What `forward` trains when given labels: "proposals" (stage 1, the proposal generator with CLIP frozen) or
-        "maft" (stage 2, IP-CLIP with the mask-aware and distillation losses, the proposal generator frozen).
-    ignore_index (`int`, *optional*, defaults to 255):
-        Label value of unlabelled pixels.
-    mask_aware_loss_weight (`float`, *optional*, defaults to 1.0), distillation_loss_weight (`float`, *optional*, defaults to 0.1):
-        Stage-2 loss weights.
-    class_loss_weight (`float`, *optional*, defaults to 1.0), mask_loss_weight (`float`, *optional*, defaults to 20.0),
-    dice_loss_weight (`float`, *optional*, defaults to 5.0), no_object_weight (`float`, *optional*, defaults to 0.1):
-        Stage-1 loss weights (also the Hungarian matching costs) and the cross-entropy weight of "no object".
+
+    The configuration describes the model only. How it is trained (which parameters, the losses and their weights) is
+    the training recipe's (`maft.training.recipes`); the prompt templates, the CLIP input size and the label ignore
+    index are the processor's (`MaftProcessor`, `MaftImageProcessor`).
     """
 
     model_type = "maft"
@@ -245,18 +244,13 @@ class MaftConfig(PreTrainedConfig):
     class_embed_hidden_dim: int = 1024
     projection_dim: int = 512
     logit_scale: float = 100.0
-    clip_image_size: int = 480
     ensemble_weight: float = 0.0
-    prompt_templates: list[str] | tuple[str, ...] = VILD_PROMPT_TEMPLATES
-    use_distillation_teacher: bool = True
-    training_stage: Literal["proposals", "maft"] = "maft"
-    ignore_index: int = 255
-    mask_aware_loss_weight: float = 1.0
-    distillation_loss_weight: float = 0.1
-    class_loss_weight: float = 1.0
-    mask_loss_weight: float = 20.0
-    dice_loss_weight: float = 5.0
-    no_object_weight: float = 0.1
+
+    def __post_init__(self, **kwargs):
+        retired = sorted(name for name in RETIRED_MAFT_CONFIG_ATTRIBUTES if kwargs.pop(name, None) is not None)
+        if retired:
+            logger.info(f"Ignoring {', '.join(retired)} of an older maft config: the training recipe and the processor own them now.")
+        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Sizes that must divide or match each other, and the values each option allows."""
@@ -274,8 +268,6 @@ class MaftConfig(PreTrainedConfig):
                 )
         if not 0.0 <= self.ensemble_weight <= 1.0:
             raise ValueError(f"`ensemble_weight` must be in [0, 1], got {self.ensemble_weight}.")
-        if not self.prompt_templates or not all("{}" in template for template in self.prompt_templates):
-            raise ValueError("`prompt_templates` must be a non-empty list of strings that each contain '{}'.")
         if self.num_feature_levels != 3:
             raise ValueError(f"`num_feature_levels` must be 3 (res3, res4, res5), got {self.num_feature_levels}.")
 

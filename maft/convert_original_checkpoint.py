@@ -49,7 +49,6 @@ DROPPED_KEYS = [
 FROZEN_IMAGE_TOWER = "clip_adapter.clip_model.visual."
 CLIP_TOWERS = {
     "IPCLIP.": ("ip_clip.", convert_openai_clip_vision),
-    FROZEN_IMAGE_TOWER: ("distillation_teacher.", convert_openai_clip_vision),
     "clip_adapter.clip_model.": ("text_encoder.", convert_openai_clip_text),
 }
 
@@ -123,6 +122,8 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     ]
     if image_tower_prefix(original) == FROZEN_IMAGE_TOWER:  # FreeSeg: IP-CLIP starts as the frozen CLIP image tower
         towers.append((FROZEN_IMAGE_TOWER, "ip_clip.", convert_openai_clip_vision))
+    else:  # MAFT: the frozen CLIP image tower was the distillation teacher, which only training needs
+        convert_openai_clip_vision(recording, FROZEN_IMAGE_TOWER)
     for source_prefix, target_prefix, convert in towers:
         converted.update({target_prefix + key: tensor for key, tensor in convert(recording, source_prefix).items()})
     claimed |= recording.read
@@ -318,7 +319,7 @@ def write_converted_model(
     model_card: str | os.PathLike | None = None,
 ) -> None:
     """
-    `save_pretrained` of the model and of a processor with CLIP's tokenizer and the model's prompt templates, and a
+    `save_pretrained` of the model and of a processor with CLIP's tokenizer and the 14 ViLD prompt templates, and a
     model card (README.md): `model_card` (a card file, e.g. one of the repository's `model_cards/`) when given, else
     one generated from the model and the `source` checkpoint's name.
     """
@@ -328,11 +329,7 @@ def write_converted_model(
     from .processing_maft import MaftImageProcessor, MaftProcessor
 
     model.save_pretrained(output_dir)
-    processor = MaftProcessor(
-        MaftImageProcessor(clip_image_size=model.config.clip_image_size),
-        load_clip_tokenizer(model.config.text_config.max_position_embeddings),
-        prompt_templates=list(model.config.prompt_templates),
-    )
+    processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer(model.config.text_config.max_position_embeddings))
     processor.save_pretrained(output_dir)
     card = ModelCard.load(model_card) if model_card is not None else converted_model_card(model, source, Path(output_dir).name)
     card.save(Path(output_dir) / "README.md")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -270,22 +271,6 @@ class MaftClipVisionModel(CLIPVisionModel):
             raise ValueError(f"`mask_proposals` must have a non-empty spatial size, got {tuple(mask_proposals.shape)}.")
         if mask_proposals.is_floating_point() and not torch.isfinite(mask_proposals).all():
             raise ValueError("`mask_proposals` contains NaN or infinite values.")
-
-    def apply_mask_aware_finetuning_recipe(self) -> list[str]:
-        """
-        Freezes everything but what MAFT fine-tunes (DESIGN.md §4): the attention projections (q, k, v, out) and both
-        layer norms of every encoder layer, and the post layer norm. Returns the names of the trainable parameters.
-        """
-        trainable_parts = ("self_attn.", "layer_norm1.", "layer_norm2.")
-        trainable = []
-        for name, parameter in self.named_parameters():
-            is_trainable = name.startswith("post_layernorm.") or (
-                name.startswith("encoder.layers.") and any(part in name for part in trainable_parts)
-            )
-            parameter.requires_grad_(is_trainable)
-            if is_trainable:
-                trainable.append(name)
-        return trainable
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -634,166 +619,10 @@ class MaftMaskedAttentionDecoder(nn.Module):
         return predictions
 
 
-class ClassEmbeddingCache:
-    """
-    Template-ensembled class embeddings by class, so that a repeated vocabulary is not encoded again.
-
-    A class is keyed by the token ids of its prompts (padding stripped, so the key does not depend on the other
-    classes of the batch). Entries are dropped whenever the text encoder's parameters change: any in-place update (an
-    optimizer step, `load_state_dict`) bumps a tensor's version counter, and moving the model replaces the tensors.
-    """
-
-    def __init__(self):
-        self._embeddings: dict[bytes, torch.Tensor] = {}
-        self._weights_state: tuple | None = None
-
-    @staticmethod
-    def class_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
-        """Key of one class from its (templates, length) prompt tokens."""
-        lengths = attention_mask.sum(dim=-1).tolist()
-        rows = input_ids.cpu().numpy()
-        return b"|".join(row[:length].tobytes() for row, length in zip(rows, lengths))
-
-    def get(self, keys: list[bytes], encoder: nn.Module) -> list[torch.Tensor | None]:
-        weights_state = tuple((parameter.data_ptr(), parameter._version) for parameter in encoder.parameters())
-        if weights_state != self._weights_state:
-            self._embeddings.clear()
-            self._weights_state = weights_state
-        return [self._embeddings.get(key) for key in keys]
-
-    def put(self, keys: list[bytes], embeddings: torch.Tensor) -> None:
-        self._embeddings.update(zip(keys, embeddings))
-
-    def __len__(self) -> int:
-        return len(self._embeddings)
-
-
-def mask_aware_loss(
-    class_probabilities: torch.Tensor, proposal_masks: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
-) -> torch.Tensor:
-    """
-    MAFT's mask-aware loss (DESIGN.md §4): for every class present in an image, the soft IoU of each proposal with
-    that class's ground-truth mask, min-max normalised over the proposals, is the SmoothL1 target of the proposal's
-    probability for the class. Averaged over all (class, proposal) pairs of the batch; zero when no pixel is labelled.
-
-    class_probabilities: (B, Q, C); proposal_masks: (B, Q, H, W) probabilities; labels: (B, H, W) class indices or
-    `ignore_index` (ignored pixels belong to no ground-truth mask, but still count in a proposal's area).
-    """
-    predictions, targets = [], []
-    for probabilities, masks, image_labels in zip(class_probabilities, proposal_masks, labels):
-        present = image_labels.unique()
-        present = present[present != ignore_index]
-        if present.numel() == 0:
-            continue
-        if present.min() < 0 or present.max() >= probabilities.shape[-1]:
-            raise ValueError(
-                f"`labels` must hold class indices in [0, {probabilities.shape[-1] - 1}] or {ignore_index} (ignore), "
-                f"got values {present.tolist()}."
-            )
-        ground_truth = (image_labels.flatten()[None] == present[:, None]).to(masks.dtype)  # (K, H*W)
-        flat_masks = masks.detach().flatten(1)  # (Q, H*W)
-        intersection = ground_truth @ flat_masks.T  # (K, Q)
-        union = ground_truth.sum(-1, keepdim=True) + flat_masks.sum(-1) - intersection
-        iou = intersection / (union + 1e-7)
-        iou_min, iou_max = iou.min(dim=-1, keepdim=True).values, iou.max(dim=-1, keepdim=True).values
-        targets.append((iou - iou_min) / (iou_max - iou_min + 1e-8))
-        predictions.append(probabilities[:, present].T)
-    if not predictions:
-        return class_probabilities.sum() * 0.0
-    return F.smooth_l1_loss(torch.cat(predictions), torch.cat(targets))
-
-
-def semantic_targets(labels: torch.Tensor, ignore_index: int, size: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image, the classes present and their binary masks at `size` (nearest): [(classes (K,), masks (K, h, w))]."""
-    targets = []
-    for image_labels in labels:
-        resized = F.interpolate(image_labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        classes = image_labels.unique()
-        classes = classes[classes != ignore_index]
-        targets.append((classes, (resized[None] == classes[:, None, None]).float()))
-    return targets
-
-
-def sigmoid_focal_loss_per_pixel(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """The focal loss of every pixel (same shape as the inputs)."""
-    probabilities = logits.sigmoid()
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return alpha_t * cross_entropy * (1 - p_t) ** gamma
-
-
-def dice_loss_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - Dice of each (flattened) mask: (N, pixels) -> (N,)."""
-    probabilities = logits.sigmoid()
-    numerator = 2 * (probabilities * targets).sum(-1)
-    return 1 - (numerator + 1) / (probabilities.sum(-1) + targets.sum(-1) + 1)
-
-
-@torch.no_grad()
-def hungarian_match(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor, masks: torch.Tensor,
-                    class_weight: float, mask_weight: float, dice_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    The one-to-one assignment of queries to ground-truth masks of one image minimising
-    `-class_weight * p_class + mask_weight * focal + dice_weight * dice` (scipy's assignment solver).
-    class_logits (Q, C+1), mask_logits (Q, h, w), classes (K,), masks (K, h, w) -> (query indices, target indices).
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    predicted = mask_logits.flatten(1).float()
-    target = masks.flatten(1).float()
-    pixels = predicted.shape[1]
-    class_cost = -class_logits.float().softmax(-1)[:, classes]
-    positive = sigmoid_focal_loss_per_pixel(predicted, torch.ones_like(predicted))
-    negative = sigmoid_focal_loss_per_pixel(predicted, torch.zeros_like(predicted))
-    focal_cost = (positive @ target.T + negative @ (1 - target).T) / pixels
-    probabilities = predicted.sigmoid()
-    dice_cost = 1 - (2 * probabilities @ target.T + 1) / (probabilities.sum(-1)[:, None] + target.sum(-1)[None] + 1)
-    cost = class_weight * class_cost + mask_weight * focal_cost + dice_weight * dice_cost
-    query_indices, target_indices = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(query_indices, dtype=torch.long), torch.as_tensor(target_indices, dtype=torch.long)
-
-
-def proposal_losses(predictions: list[dict[str, torch.Tensor]], labels: torch.Tensor, config: MaftConfig) -> dict[str, torch.Tensor]:
-    """
-    Stage-1 losses (DESIGN.md §4) summed over the final and every auxiliary prediction (deep supervision), each layer
-    matched on its own: cross-entropy with the no-object class down-weighted, sigmoid focal and dice on the matched
-    masks, normalised by the number of ground-truth masks in the batch. Masks are compared at the prediction's
-    resolution (ground truth resized with nearest).
-    """
-    size = predictions[-1]["masks_queries_logits"].shape[-2:]
-    targets = semantic_targets(labels, config.ignore_index, size)
-    num_masks = max(sum(len(classes) for classes, _ in targets), 1)
-    totals = {"class_loss": 0.0, "mask_loss": 0.0, "dice_loss": 0.0}
-    for prediction in predictions:
-        class_logits, mask_logits = prediction["class_queries_logits"], prediction["masks_queries_logits"]
-        num_classes = class_logits.shape[-1] - 1
-        class_weights = torch.ones(num_classes + 1, device=class_logits.device)
-        class_weights[-1] = config.no_object_weight
-        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
-        matched_logits, matched_masks = [], []
-        for index, (classes, masks) in enumerate(targets):
-            if classes.numel() and classes.max() >= num_classes:
-                raise ValueError(f"`labels` hold class {classes.max().item()} but the vocabulary has {num_classes} classes.")
-            query_indices, target_indices = hungarian_match(
-                class_logits[index], mask_logits[index], classes, masks,
-                config.class_loss_weight, config.mask_loss_weight, config.dice_loss_weight,
-            )
-            target_classes[index, query_indices] = classes[target_indices]
-            matched_logits.append(mask_logits[index, query_indices].flatten(1))
-            matched_masks.append(masks[target_indices].flatten(1))
-        totals["class_loss"] = totals["class_loss"] + config.class_loss_weight * F.cross_entropy(
-            class_logits.transpose(1, 2), target_classes, weight=class_weights
-        )
-        predicted, target = torch.cat(matched_logits), torch.cat(matched_masks)
-        totals["mask_loss"] = totals["mask_loss"] + config.mask_loss_weight * sigmoid_focal_loss_per_pixel(predicted, target).mean(-1).sum() / num_masks
-        totals["dice_loss"] = totals["dice_loss"] + config.dice_loss_weight * dice_loss_per_mask(predicted, target).sum() / num_masks
-    return totals
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """MAFT's self-distillation: SmoothL1 between the class distributions of the student and the frozen teacher."""
-    return F.smooth_l1_loss(student_logits.softmax(dim=-1), teacher_logits.detach().softmax(dim=-1))
+def proposal_masks_from_logits(masks_queries_logits: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
+    """The proposals IP-CLIP classifies, as the original makes them: mask logits (B, Q, h, w) upsampled to the padded
+    input size (bilinear, `align_corners=True`) and sigmoided, without gradient: (B, Q, H, W) probabilities."""
+    return F.interpolate(masks_queries_logits.detach(), size=padded_size, mode="bilinear", align_corners=True).sigmoid()
 
 
 @dataclass
@@ -801,8 +630,6 @@ class MaftModelOutput(ModelOutput):
     r"""
     Output of [`MaftModel`].
 
-    loss (`torch.FloatTensor`, *optional*):
-        The training loss of `config.training_stage`, when `labels` are given.
     class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
         The final classification of each mask proposal: `softmax(class_queries_logits)[..., :-1]` are the class scores
         the semantic segmentation is made from (`MaftImageProcessor.post_process_semantic_segmentation`). With
@@ -821,12 +648,14 @@ class MaftModelOutput(ModelOutput):
     image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
         The unpadded (height, width) of each image in the padded input, passed through for post-processing.
     auxiliary_logits (`list[dict[str, torch.FloatTensor]]`, *optional*):
-        `class_queries_logits` (in-vocabulary) and `masks_queries_logits` of every intermediate decoder layer.
-    loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
-        The weighted terms that make up `loss`.
+        `class_queries_logits` (in-vocabulary) and `masks_queries_logits` of the proposal generator's earlier
+        predictions, earliest first: the initial one (before the first decoder layer) and those after every decoder
+        layer but the last. The training losses (`maft.loss_maft`) read them.
+
+    The training losses are not part of the output: the training code owns them (`maft.training.recipes`), as
+    transformers' Mask2Former does.
     """
 
-    loss: torch.FloatTensor | None = None
     class_queries_logits: torch.FloatTensor | None = None
     masks_queries_logits: torch.FloatTensor | None = None
     proposal_class_logits: torch.FloatTensor | None = None
@@ -835,7 +664,6 @@ class MaftModelOutput(ModelOutput):
     proposal_embeds: torch.FloatTensor | None = None
     image_sizes: torch.LongTensor | None = None
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
-    loss_dict: dict[str, torch.FloatTensor] | None = None
 
 
 class MaftPreTrainedModel(PreTrainedModel):
@@ -846,33 +674,75 @@ class MaftPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["CLIPEncoderLayer", "MaftDecoderLayer", "MaftPixelDecoderLayer"]
 
+    _keys_to_ignore_on_load_unexpected = [r"^distillation_teacher\."]  # checkpoints of maft 0.1.0.dev0 held the teacher
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """Every module goes through `_init_weights`, also those that own no parameter (a decoder layer, a ResNet
+        block): transformers skips those for code outside its package, but their rules below set their layers'
+        weights. Loaded weights stay as loaded: every rule uses the guarded functions of `transformers.initialization`."""
+        if not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+
     def _init_weights(self, module: nn.Module) -> None:
-        """Mask2Former's initialisation for the proposal generator; CLIP towers initialise themselves."""
-        if isinstance(module, MultiScaleDeformableAttention):
+        """
+        The original's initialisation, module by module (the CLIP towers initialise themselves). Children are
+        initialised before their parents, so a module's rule below overrides the generic rules of its layers:
+        - linear and convolution layers: PyTorch's defaults (the original keeps them for its MLP heads);
+          embeddings N(0, 1) (PyTorch's default: queries, level embeddings); norms 1 and 0;
+        - detectron2's ResNet: "c2 MSRA fill" of every convolution (He normal, fan out), frozen batch norm identity;
+        - the pixel decoder (Mask2Former): Xavier-uniform input projections with zero bias, "c2 Xavier fill" (He
+          uniform, a=1, zero bias) of the FPN and mask-feature convolutions, Xavier-uniform feed-forward weights of the
+          deformable layers, the deformable attention's own scheme, level embeddings N(0, 1);
+        - the context interaction (GLIP's attention): Xavier-uniform projections with zero bias, layer scale constant;
+        - the decoder layers (Mask2Former): Xavier-uniform for every matrix, zero attention biases;
+        - the no-object embedding: N(0, text_width ** -0.5), as the original's CLIP adapter.
+        """
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, FrozenBatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.constant_(module.running_var, 1 - module.eps)
+        elif isinstance(module, (MaftDeepLabStem, MaftDeepLabBottleneck)):
+            for conv in module.children():
+                init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, MultiScaleDeformableAttention):
             module.reset_parameters()
+        elif isinstance(module, MaftPixelDecoderLayer):
+            init.xavier_uniform_(module.linear1.weight)
+            init.xavier_uniform_(module.linear2.weight)
         elif isinstance(module, MaftPixelDecoder):
-            nn.init.normal_(module.level_embed)
+            init.normal_(module.level_embed)
             for projection in module.input_projections:
-                nn.init.xavier_uniform_(projection[0].weight)
-                nn.init.zeros_(projection[0].bias)
+                init.xavier_uniform_(projection[0].weight)
+                init.zeros_(projection[0].bias)
             for conv in (module.lateral_conv, module.output_conv, module.mask_features):
-                nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(module.mask_features.bias)
+                init.kaiming_uniform_(conv.weight, a=1)
+            init.zeros_(module.mask_features.bias)
+        elif isinstance(module, MaftContextInteraction):
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.xavier_uniform_(projection.weight)
+                init.zeros_(projection.bias)
+            init.constant_(module.layer_scale, self.config.context_layer_scale_init)
         elif isinstance(module, MaftDecoderLayer):
             for parameter in module.parameters():
                 if parameter.dim() > 1:
-                    nn.init.xavier_uniform_(parameter)
-        elif isinstance(module, MaftContextInteraction):
-            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                nn.init.xavier_uniform_(projection.weight)
-                nn.init.zeros_(projection.bias)
-            nn.init.constant_(module.layer_scale, self.config.context_layer_scale_init)
+                    init.xavier_uniform_(parameter)
+            for attention in (module.cross_attn, module.self_attn):
+                init.zeros_(attention.in_proj_bias)
+                init.zeros_(attention.out_proj.bias)
         elif isinstance(module, MaftModel):
-            nn.init.normal_(module.no_object_embedding, std=module.no_object_embedding.shape[-1] ** -0.5)
-        elif isinstance(module, (MaftDeepLabResNet, MaftMaskedAttentionDecoder, MaftMLP)):
-            return
-        elif not isinstance(module, FrozenBatchNorm2d):
-            super()._init_weights(module)
+            init.normal_(module.no_object_embedding, std=self.config.text_config.hidden_size**-0.5)
 
 
 class MaftModel(MaftPreTrainedModel):
@@ -905,14 +775,12 @@ class MaftModel(MaftPreTrainedModel):
         self.no_object_embedding = nn.Parameter(torch.empty(1, config.projection_dim))
         self.text_encoder = CLIPTextModelWithProjection(config.text_config)
         self.ip_clip = MaftClipVisionModel(config.vision_config)
-        self.distillation_teacher = MaftClipVisionModel(config.vision_config) if config.use_distillation_teacher else None
-        self.class_embedding_cache = ClassEmbeddingCache()
         self.post_init()
 
     @classmethod
     def from_clip_pretrained(cls, clip_name_or_path: str, **config_kwargs) -> "MaftModel":
         """
-        A MaftModel whose text encoder, IP-CLIP and distillation teacher come from a CLIP checkpoint (a `CLIPModel`
+        A MaftModel whose text encoder and IP-CLIP come from a CLIP checkpoint (a `CLIPModel`
         directory or Hub id, e.g. "openai/clip-vit-base-patch16") and whose proposal generator is freshly initialised:
         the starting point for training. `config_kwargs` set the other `MaftConfig` attributes.
         """
@@ -932,54 +800,23 @@ class MaftModel(MaftPreTrainedModel):
         model = cls(config)
         model.text_encoder.load_state_dict(text_encoder.state_dict())
         model.ip_clip.load_state_dict(ip_clip.state_dict())
-        if model.distillation_teacher is not None:
-            model.distillation_teacher.load_state_dict(ip_clip.state_dict())
         return model
-
-    def remove_distillation_teacher(self) -> None:
-        """Drops the frozen copy of CLIP's image tower that only stage-2 training uses: a smaller model to ship or run."""
-        self.distillation_teacher = None
-        self.config.use_distillation_teacher = False
-
-    def train(self, mode: bool = True) -> "MaftModel":
-        """Sets the training mode, keeping in eval mode what the current `training_stage` freezes."""
-        super().train(mode)
-        frozen = [self.text_encoder, self.distillation_teacher]
-        if self.config.training_stage == "maft":
-            frozen += [self.backbone, self.pixel_decoder, self.context_interaction, self.decoder]
-        else:
-            frozen.append(self.ip_clip)
-        for module in frozen:
-            if module is not None:
-                module.eval()
-        return self
 
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Class embeddings from prompt tokens: `input_ids` (..., num_templates, length) of each class name in every prompt
-        template -> (..., projection_dim): each prompt embedding L2-normalised, averaged over the templates,
-        renormalised. A class encoded before with the same weights comes from the cache.
+        Class embeddings from prompt tokens (`MaftProcessor.tokenize_class_names`): `input_ids` (..., num_templates,
+        length) of each class name in every prompt template -> (..., projection_dim): each prompt embedding
+        L2-normalised, averaged over the templates, renormalised. Compute them once per vocabulary and pass them to
+        `forward` as `text_embeds` (the text encoder is the costliest part of a call with many classes).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         leading_shape, (num_templates, length) = input_ids.shape[:-2], input_ids.shape[-2:]
-        flat_ids = input_ids.reshape(-1, num_templates, length)
-        flat_mask = attention_mask.reshape(-1, num_templates, length)
-        use_cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters()))
-        keys = [ClassEmbeddingCache.class_key(ids, mask) for ids, mask in zip(flat_ids, flat_mask)]
-        embeddings = self.class_embedding_cache.get(keys, self.text_encoder) if use_cache else [None] * len(keys)
-        missing = [index for index, embedding in enumerate(embeddings) if embedding is None]
-        if missing:
-            prompt_embeds = self.text_encoder(
-                input_ids=flat_ids[missing].flatten(0, 1), attention_mask=flat_mask[missing].flatten(0, 1)
-            ).text_embeds
-            prompt_embeds = F.normalize(prompt_embeds, dim=-1).view(len(missing), num_templates, -1)
-            encoded = F.normalize(prompt_embeds.mean(dim=1), dim=-1)
-            if use_cache:
-                self.class_embedding_cache.put([keys[index] for index in missing], encoded)
-            for position, index in enumerate(missing):
-                embeddings[index] = encoded[position]
-        return torch.stack(embeddings).view(*leading_shape, -1)
+        prompt_embeds = self.text_encoder(
+            input_ids=input_ids.reshape(-1, length), attention_mask=attention_mask.reshape(-1, length)
+        ).text_embeds
+        prompt_embeds = F.normalize(prompt_embeds, dim=-1).view(-1, num_templates, prompt_embeds.shape[-1])
+        return F.normalize(prompt_embeds.mean(dim=1), dim=-1).view(*leading_shape, -1)
 
     def class_logits(self, embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """`logit_scale * cos(embeds, [text_embeds; no-object])`: (B, N, D) x (B, C, D) -> (B, N, C + 1)."""
@@ -1012,25 +849,23 @@ class MaftModel(MaftPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         seen_classes: torch.Tensor | None = None,
     ) -> MaftModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
             Backbone-normalised, zero-padded images (`MaftImageProcessor`).
-        clip_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, clip_image_size, clip_image_size)`):
-            The same images, CLIP-normalised, padded and resized to `config.clip_image_size`.
+        clip_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, clip_height, clip_width)`):
+            The same images as IP-CLIP sees them: CLIP-normalised, resized to the processor's CLIP size.
         input_ids (`torch.LongTensor` of shape `(num_classes, num_templates, length)` or `(batch_size, num_classes, num_templates, length)`):
             Each class name in every prompt template, tokenised (`MaftProcessor`). Or give `text_embeds`.
         attention_mask (`torch.LongTensor`, *optional*): the tokens' attention mask, shaped as `input_ids`.
         text_embeds (`torch.FloatTensor` of shape `(num_classes, projection_dim)` or `(batch_size, num_classes, projection_dim)`, *optional*):
-            L2-normalised class embeddings, instead of `input_ids`.
+            L2-normalised class embeddings (`get_text_embeddings`), instead of `input_ids`: compute them once per
+            vocabulary.
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             1 on real pixels, 0 on padding; used by the ensemble to find proposals with no pixel in the image.
         image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             Unpadded (height, width) of each image, passed through to post-processing.
-        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Class indices per pixel, `config.ignore_index` where unlabelled; the loss of `config.training_stage` is returned.
         seen_classes (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
             Which classes the proposal generator saw in training (for the ensemble; default: none).
         """
@@ -1042,44 +877,13 @@ class MaftModel(MaftPreTrainedModel):
                 "be (batch_size, 3, height, width) with the same batch size."
             )
         text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
-        if labels is not None and self.config.training_stage == "proposals":
-            predictions = self.propose(pixel_values, text_embeds)
-            loss_dict = proposal_losses(predictions, labels, self.config)
-            final = predictions[-1]
-            return MaftModelOutput(
-                loss=sum(loss_dict.values()),
-                class_queries_logits=final["class_queries_logits"],
-                masks_queries_logits=final["masks_queries_logits"],
-                proposal_class_logits=final["class_queries_logits"],
-                text_embeds=text_embeds,
-                image_sizes=image_sizes,
-                auxiliary_logits=[
-                    {"class_queries_logits": p["class_queries_logits"], "masks_queries_logits": p["masks_queries_logits"]}
-                    for p in predictions[:-1]
-                ],
-                loss_dict=loss_dict,
-            )
-        if self.config.training_stage == "maft" or not self.training:
-            with torch.no_grad():
-                predictions = self.propose(pixel_values, text_embeds)
-        else:
-            predictions = self.propose(pixel_values, text_embeds)
+        predictions = self.propose(pixel_values, text_embeds)
         final = predictions[-1]
-
-        # IP-CLIP sees the sigmoid masks at the padded input size, as the original.
-        proposal_masks = F.interpolate(
-            final["masks_queries_logits"].detach(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=True
-        ).sigmoid()
+        proposal_masks = proposal_masks_from_logits(final["masks_queries_logits"], pixel_values.shape[-2:])
         proposal_embeds = self.ip_clip(clip_pixel_values, mask_proposals=proposal_masks, interpolate_pos_encoding=True).proposal_embeds
         clip_class_logits = self.class_logits(proposal_embeds, text_embeds)
         class_queries_logits = self._ensemble(final["class_queries_logits"], clip_class_logits, proposal_masks, pixel_mask, seen_classes)
-
-        loss, loss_dict = None, None
-        if labels is not None:
-            loss_dict = self._mask_aware_losses(clip_class_logits, proposal_masks, labels, clip_pixel_values, text_embeds)
-            loss = sum(loss_dict.values())
         return MaftModelOutput(
-            loss=loss,
             class_queries_logits=class_queries_logits,
             masks_queries_logits=final["masks_queries_logits"],
             proposal_class_logits=final["class_queries_logits"],
@@ -1091,7 +895,6 @@ class MaftModel(MaftPreTrainedModel):
                 {"class_queries_logits": prediction["class_queries_logits"], "masks_queries_logits": prediction["masks_queries_logits"]}
                 for prediction in predictions[:-1]
             ],
-            loss_dict=loss_dict,
         )
 
     def _class_text_embeddings(self, input_ids, attention_mask, text_embeds, batch_size: int) -> torch.Tensor:
@@ -1103,11 +906,6 @@ class MaftModel(MaftPreTrainedModel):
                 raise ValueError(
                     "`input_ids` must be (num_classes, num_templates, length) or (batch_size, num_classes, num_templates, "
                     f"length), got {tuple(input_ids.shape)}: tokenise the class names with `MaftProcessor`."
-                )
-            if input_ids.shape[-2] != len(self.config.prompt_templates):
-                raise ValueError(
-                    f"`input_ids` holds {input_ids.shape[-2]} prompts per class but the model was configured with "
-                    f"{len(self.config.prompt_templates)} prompt templates."
                 )
             text_embeds = self.get_text_embeddings(input_ids, attention_mask)
         if text_embeds.dim() == 2:
@@ -1150,48 +948,8 @@ class MaftModel(MaftPreTrainedModel):
         remainder = (1 - scores.sum(dim=-1, keepdim=True)).clamp_min(torch.finfo(scores.dtype).tiny)
         return torch.cat([scores.clamp_min(torch.finfo(scores.dtype).tiny), remainder], dim=-1).log()
 
-    def _mask_aware_losses(self, clip_class_logits, proposal_masks, labels, clip_pixel_values, text_embeds) -> dict[str, torch.Tensor]:
-        """MAFT's stage-2 losses (DESIGN.md §4), weighted by the config."""
-        if labels.shape[-2:] != proposal_masks.shape[-2:]:
-            raise ValueError(
-                f"`labels` {tuple(labels.shape)} must have the padded image size {tuple(proposal_masks.shape[-2:])}."
-            )
-        probabilities = clip_class_logits[..., :-1].softmax(dim=-1)
-        losses = {
-            "mask_aware_loss": self.config.mask_aware_loss_weight
-            * mask_aware_loss(probabilities, proposal_masks, labels, self.config.ignore_index)
-        }
-        if self.config.distillation_loss_weight > 0:
-            if self.distillation_teacher is None:
-                raise ValueError("The distillation loss needs `config.use_distillation_teacher=True` (the frozen CLIP image tower).")
-            student = self.ip_clip(clip_pixel_values, interpolate_pos_encoding=True).image_embeds
-            with torch.no_grad():
-                teacher = self.distillation_teacher(clip_pixel_values, interpolate_pos_encoding=True).image_embeds
-            losses["distillation_loss"] = self.config.distillation_loss_weight * distillation_loss(
-                self.class_logits(student[:, None], text_embeds)[:, 0, :-1],
-                self.class_logits(teacher[:, None], text_embeds)[:, 0, :-1],
-            )
-        return losses
-
-    def apply_mask_aware_finetuning_recipe(self) -> list[str]:
-        """Freezes everything but what stage 2 fine-tunes in IP-CLIP (DESIGN.md §4); returns the trainable names."""
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-        return [f"ip_clip.{name}" for name in self.ip_clip.apply_mask_aware_finetuning_recipe()]
-
-    def apply_proposal_training_recipe(self) -> list[str]:
-        """Stage 1 (DESIGN.md §4): the proposal generator trains (its batch norms stay frozen), CLIP is frozen."""
-        generator = ("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object_embedding")
-        trainable = []
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name.startswith(generator))
-            if parameter.requires_grad:
-                trainable.append(name)
-        return trainable
-
 
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
-
 
 
 __all__ = [
@@ -1200,7 +958,6 @@ __all__ = [
     "MaftModel",
     "MaftModelOutput",
     "MaftPreTrainedModel",
-    "distillation_loss",
-    "mask_aware_loss",
     "proposal_attention",
+    "proposal_masks_from_logits",
 ]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maft import MaftClipVisionConfig, MaftClipVisionModel
+from maft import MaftClipVisionConfig, MaftClipVisionModel, MaftImageProcessor, MaftModel, convert_original_checkpoint
 from maft.convert_openai_clip import convert_openai_clip_vision
 
 
@@ -64,3 +64,25 @@ def golden_ipclip(tower_prefix: str = "IPCLIP.") -> MaftClipVisionModel:
     model = MaftClipVisionModel(config).eval()
     model.load_state_dict(convert_openai_clip_vision(golden_state_dict(), tower_prefix), strict=True)
     return model
+
+
+def golden_image_processor() -> MaftImageProcessor:
+    """The golden run rounded every tensor to float16 first, the normalisation constants included."""
+    defaults = MaftImageProcessor()
+    rounded = {
+        name: torch.tensor(getattr(defaults, name)).half().float().tolist()
+        for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std")
+    }
+    return MaftImageProcessor(do_resize=False, **rounded)
+
+
+@functools.cache
+def golden_model() -> MaftModel:
+    """Converted with the configuration derived from the tensors and the golden run's YAML. The original ignores the
+    YAML's IP-CLIP start layer (the golden run set it on the module), so that one value is given."""
+    return convert_original_checkpoint(
+        golden_state_dict(),
+        golden_config()["config"],
+        vision_config={"mask_start_layer": golden_config()["ipclip_start_layer"]},
+        deformable_attention_backend="pytorch",
+    )

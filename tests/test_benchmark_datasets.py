@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maft.training.benchmarks import (
+from maft.evaluation.benchmark_datasets import (
     BENCHMARKS,
     benchmark_class_names,
     benchmark_ignore_index,
     coco_stuff_unseen_class_names,
     load_benchmark,
 )
-from maft.training.data import load_segmentation_dataset, segmentation_metadata
+from maft.segmentation_data import load_segmentation_dataset, segmentation_metadata
+
+from helpers import ORIGINAL_VAL_LAYOUT, write_split
 
 
 EXPECTED = {  # name: (number of classes, ignore index)
@@ -25,35 +27,6 @@ EXPECTED = {  # name: (number of classes, ignore index)
     "pascal_context_459": (459, 65535),
     "pascal_voc_20": (20, 255),
 }
-
-# The val split of each benchmark as the original's prepare scripts leave it: image folder, label folder, label suffix.
-ORIGINAL_VAL_LAYOUT = {
-    "coco_stuff_171": ("coco/val2017", "coco/stuffthingmaps_detectron2/val2017", ".png"),
-    "ade20k_150": ("ade/ADEChallengeData2016/images/validation",
-                   "ade/ADEChallengeData2016/annotations_detectron2/validation", ".png"),
-    "ade20k_847": ("ade/ADE20K_2021_17_01/images_detectron2/validation",
-                   "ade/ADE20K_2021_17_01/annotations_detectron2/validation", ".tif"),
-    "pascal_context_59": ("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/annotations_detectron2_ovs/pc59_val", ".png"),
-    "pascal_context_459": ("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/annotations_detectron2_ovs/pc459_val",
-                           ".tif"),
-    "pascal_voc_20": ("VOCdevkit/VOC2012/JPEGImages", "VOCdevkit/VOC2012/annotations_ovs/val", ".png"),
-}
-
-
-def write_split(root, image_dir, label_dir, label_suffix, num_classes, ignore_index, stems=("a_001", "b_002"),
-                unlabelled=("c_003",)):
-    """Images (JPEG) and label maps (8-bit PNG or 16-bit TIFF) for `stems`, plus images without a label map."""
-    (root / image_dir).mkdir(parents=True, exist_ok=True)
-    (root / label_dir).mkdir(parents=True, exist_ok=True)
-    for stem in (*stems, *unlabelled):
-        Image.fromarray(np.full((6, 8, 3), 90, dtype=np.uint8)).save(root / image_dir / f"{stem}.jpg")
-    dtype = np.uint16 if label_suffix == ".tif" else np.uint8
-    for stem in stems:
-        label = np.zeros((6, 8), dtype=dtype)
-        label[:, :4] = num_classes - 1  # the last class
-        label[0, :] = ignore_index
-        Image.fromarray(label).save(root / label_dir / f"{stem}{label_suffix}")
-
 
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_class_lists_and_ignore_index(name):

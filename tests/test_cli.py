@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from maft.cli import main
-from maft.training.benchmarks import benchmark_class_names
+from maft.evaluation.benchmark_datasets import benchmark_class_names
 
 
 def test_ipclip_example_prints_a_similarity_matrix(capsys):
@@ -30,7 +30,7 @@ def test_console_script_rejects_unknown_commands():
 
 
 def test_segment_writes_overlay_label_map_and_fractions_and_reports_bad_images(tmp_path, capsys):
-    from test_modeling import random_image, tiny_model, tiny_processor
+    from helpers import random_image, tiny_model, tiny_processor
 
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
@@ -66,7 +66,7 @@ def test_segment_rejects_empty_labels(capsys):
 
 
 def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):
-    from test_training import CLASS_NAMES, save_training_inputs
+    from helpers import CLASS_NAMES, save_training_inputs
 
     save_training_inputs(tmp_path)
     exit_code = main([
@@ -83,7 +83,7 @@ def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):
 
 
 def test_evaluate_command_reports_metrics(tmp_path, capsys):
-    from test_training import CLASS_NAMES, save_training_inputs
+    from helpers import CLASS_NAMES, save_training_inputs
 
     save_training_inputs(tmp_path)
     exit_code = main([
@@ -97,8 +97,8 @@ def test_evaluate_command_reports_metrics(tmp_path, capsys):
 
 
 def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index(tmp_path, capsys):
-    from test_benchmark_datasets import ORIGINAL_VAL_LAYOUT, write_split
-    from test_modeling import tiny_model, tiny_processor
+    from helpers import ORIGINAL_VAL_LAYOUT, write_split
+    from helpers import tiny_model, tiny_processor
 
     tiny_model().save_pretrained(tmp_path / "model")
     tiny_processor().save_pretrained(tmp_path / "model")
@@ -117,9 +117,9 @@ def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index
 
 def test_the_collator_maps_a_dataset_ignore_index_to_the_processor_one():
     from maft.training import MaftTrainingCollator
-    from test_modeling import random_image, tiny_processor
+    from helpers import random_image, tiny_processor
 
     label = np.array([[65535, 1], [2, 65535]], dtype=np.int64).repeat(16, axis=0).repeat(16, axis=1)
-    collator = MaftTrainingCollator(tiny_processor(), ["cat", "dog", "sky"], label_ignore_index=65535)
+    collator = MaftTrainingCollator(tiny_processor(), label_ignore_index=65535)
     labels = collator([{"image": random_image(32, 32), "label": label}])["labels"][0]
     assert set(labels.unique().tolist()) == {1, 2, 255}

@@ -34,9 +34,7 @@ def test_a_full_size_checkpoint_converts_strictly_into_the_default_config(tmp_pa
     torch.testing.assert_close(
         model.ip_clip.visual_projection.weight, state_dict["IPCLIP.proj"].float().t()
     )  # IP-CLIP from the fine-tuned tower, not the frozen one
-    torch.testing.assert_close(
-        model.distillation_teacher.visual_projection.weight, state_dict["clip_adapter.clip_model.visual.proj"].float().t()
-    )
+    assert not any("teacher" in name for name in model.state_dict())  # the frozen tower is only training's teacher
     processor = MaftProcessor.from_pretrained(tmp_path / "converted")
     assert processor.tokenizer("a photo of a cat.")["input_ids"][:3] == [49406, 320, 1125]
 

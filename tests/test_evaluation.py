@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maft.metrics import MEAN_IOU_METRIC_PATH
-from maft.training.evaluation import StreamingConfusionMatrix, format_results_table
+from maft.evaluation.metrics import StreamingConfusionMatrix, format_results_table
 
 
 def example():

@@ -1,35 +1,20 @@
 """The whole model, converted from the original's weights, reproduces the original's outputs (golden data)."""
 
-import functools
-
 import pytest
 import torch
 from torch.nn import functional as F
 
-from golden import golden_config, golden_state_dict, golden_tensors, relative_error
-from maft import MaftImageProcessor, MaftModel, convert_original_checkpoint
-
-
-def golden_image_processor() -> MaftImageProcessor:
-    """The golden run rounded every tensor to float16 first, the normalisation constants included."""
-    defaults = MaftImageProcessor()
-    rounded = {
-        name: torch.tensor(getattr(defaults, name)).half().float().tolist()
-        for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std")
-    }
-    return MaftImageProcessor(do_resize=False, **rounded)
-
-
-@functools.cache
-def golden_model() -> MaftModel:
-    """Converted with the configuration derived from the tensors and the golden run's YAML. The original ignores the
-    YAML's IP-CLIP start layer (the golden run set it on the module), so that one value is given."""
-    return convert_original_checkpoint(
-        golden_state_dict(),
-        golden_config()["config"],
-        vision_config={"mask_start_layer": golden_config()["ipclip_start_layer"]},
-        deformable_attention_backend="pytorch",
-    )
+from golden import (
+    golden_config,
+    golden_image_processor,
+    golden_ipclip,
+    golden_model,
+    golden_state_dict,
+    golden_tensors,
+    relative_error,
+)
+from maft import MaftImageProcessor, convert_original_checkpoint
+from maft.training import MASK_AWARE_FINE_TUNING_RECIPE
 
 
 def test_configuration_is_derived_from_the_checkpoint_and_its_yaml():
@@ -74,20 +59,16 @@ def test_inference_matches_the_original():
 
 
 def test_training_losses_match_the_original():
+    """Stage 2: the mask-aware loss and the weighted self-distillation loss, the teacher being the original's frozen
+    CLIP image tower (a converted model has no teacher: training supplies it)."""
     tensors = golden_tensors()
     images = [tensors[f"train_image_{index}"].numpy() for index in range(2)]
     labels = [tensors[f"train_label_{index}"].numpy() for index in range(2)]
     inputs = golden_image_processor()(images, segmentation_maps=labels)
     assert relative_error(inputs["clip_pixel_values"], tensors["train_ipclip_images"]) < 1e-5
     model = golden_model()
-    model.train()
-    outputs = model(
-        inputs["pixel_values"], inputs["clip_pixel_values"], text_embeds=tensors["train_text_features"][:-1],
-        labels=inputs["labels"],
-    )
-    model.eval()
-    assert relative_error(outputs.masks_queries_logits.detach(), tensors["train_pred_masks"]) < 1e-4
-    torch.testing.assert_close(outputs.loss_dict["mask_aware_loss"].detach(), tensors["train_ma_loss"][0], rtol=1e-4, atol=0)
-    torch.testing.assert_close(
-        outputs.loss_dict["distillation_loss"].detach(), tensors["train_dis_loss_weighted"][0], rtol=1e-4, atol=0
-    )
+    stage_loss = MASK_AWARE_FINE_TUNING_RECIPE.training_loss(model, teacher=golden_ipclip("clip_adapter.clip_model.visual."))
+    with torch.no_grad():
+        losses = stage_loss(model, inputs, tensors["train_text_features"][:-1])
+    torch.testing.assert_close(losses["mask_aware_loss"], tensors["train_ma_loss"][0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses["distillation_loss"], tensors["train_dis_loss_weighted"][0], rtol=1e-4, atol=0)

@@ -5,7 +5,7 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from maft import MaftModel, MaftProcessor
-from test_modeling import random_image, tiny_model, tiny_processor
+from helpers import random_image, tiny_model, tiny_processor
 
 
 def test_upload_and_download_files(hub_server, tmp_path):

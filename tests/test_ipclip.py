@@ -7,7 +7,8 @@ from torch.nn import functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ipclip_reference import dense_mask_proposal_embeds
-from maft import MaftClipVisionConfig, MaftClipVisionModel
+from maft import MaftClipVisionConfig, MaftClipVisionModel, MaftConfig, MaftModel
+from maft.training import MASK_AWARE_FINE_TUNING_RECIPE
 
 
 def tiny_vision_config(**overrides) -> MaftClipVisionConfig:
@@ -184,17 +185,24 @@ def test_position_interpolation_switch():
 
 
 def test_mask_aware_finetuning_recipe_trains_exactly_the_attention_and_norms():
-    model = tiny_model(num_hidden_layers=2, mask_start_layer=1)
-    trainable = model.apply_mask_aware_finetuning_recipe()
-    expected = ["post_layernorm.weight", "post_layernorm.bias"]
+    model = MaftModel(MaftConfig(
+        vision_config=tiny_model(num_hidden_layers=2, mask_start_layer=1).config.to_dict(),
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
+        backbone_config=dict(model_type="maft_deeplab_resnet", depths=[1, 1, 1, 1], stem_out_channels=16,
+                             res2_out_channels=32, width_per_group=8, res5_multi_grid=[2]),
+        feature_size=32, mask_feature_size=32, encoder_layers=1, hidden_dim=32, decoder_layers=1, num_queries=3,
+        decoder_feedforward_dim=32, class_embed_hidden_dim=32, context_attention_dim=32, projection_dim=16,
+    ))
+    trainable = MASK_AWARE_FINE_TUNING_RECIPE.apply_to(model)
+    expected = ["ip_clip.post_layernorm.weight", "ip_clip.post_layernorm.bias"]
     for index in range(2):
         for part in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "layer_norm1", "layer_norm2"):
-            expected += [f"encoder.layers.{index}.{part}.weight", f"encoder.layers.{index}.{part}.bias"]
+            expected += [f"ip_clip.encoder.layers.{index}.{part}.weight", f"ip_clip.encoder.layers.{index}.{part}.bias"]
     assert sorted(trainable) == sorted(expected)
     assert sorted(name for name, p in model.named_parameters() if p.requires_grad) == sorted(expected)
 
-    model.train()
-    output = model(torch.randn(2, 3, 32, 32), mask_proposals=torch.rand(2, 3, 32, 32))
+    model.ip_clip.train()
+    output = model.ip_clip(torch.randn(2, 3, 32, 32), mask_proposals=torch.rand(2, 3, 32, 32))
     output.proposal_embeds.square().sum().backward()
     for name, parameter in model.named_parameters():
         if name in expected:

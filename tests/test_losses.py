@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from golden import golden_ipclip, golden_tensors
-from maft.modeling_maft import distillation_loss, mask_aware_loss
+from maft.loss_maft import distillation_loss, mask_aware_loss
 
 
 def golden_training_batch():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from test_modeling import tiny_model, tiny_processor
+from helpers import tiny_model, tiny_processor
 
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"

@@ -1,4 +1,4 @@
-"""MaftModel and MaftProcessor on a tiny random configuration: shapes, text cache, training, saving, errors."""
+"""MaftModel and MaftProcessor on a tiny random configuration: shapes, text embeddings, initialisation, saving, errors."""
 
 import json
 
@@ -9,42 +9,9 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, CLIPConfig, CLIPModel
 
 from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
-from maft.clip_tokenizer import load_clip_tokenizer
 from maft.convert_original_checkpoint import convert_state_dict
 
-
-TEMPLATES = ["a photo of a {}.", "there is a {} in the scene"]
-
-
-def tiny_config(**overrides) -> MaftConfig:
-    values = dict(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=49408, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16, mask_start_layer=2),
-        backbone_config=dict(model_type="maft_deeplab_resnet", depths=[1, 1, 1, 1], stem_out_channels=16,
-                             res2_out_channels=32, width_per_group=8, res5_multi_grid=[2]),
-        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_feedforward_dim=32,
-        context_attention_dim=32, context_attention_heads=4, hidden_dim=32, num_queries=5, decoder_layers=2,
-        decoder_attention_heads=4, decoder_feedforward_dim=32, class_embed_hidden_dim=32, projection_dim=16,
-        clip_image_size=64, prompt_templates=TEMPLATES, deformable_attention_backend="pytorch",
-    )
-    values.update(overrides)
-    return MaftConfig(**values)
-
-
-def tiny_model(**overrides) -> MaftModel:
-    torch.manual_seed(0)
-    return MaftModel(tiny_config(**overrides)).eval()
-
-
-def tiny_processor() -> MaftProcessor:
-    image_processor = MaftImageProcessor(shortest_edge=64, longest_edge=128, clip_image_size=64)
-    return MaftProcessor(image_processor, load_clip_tokenizer(), prompt_templates=TEMPLATES)
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+from helpers import TEMPLATES, random_image, tiny_config, tiny_model, tiny_processor
 
 
 def test_forward_shapes_and_segmentation():
@@ -91,40 +58,74 @@ def test_text_embeds_can_replace_input_ids():
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2))
 
 
-def test_text_embedding_cache_hits_and_invalidation():
+def test_text_embeddings_of_a_class_do_not_depend_on_the_other_classes():
     model, processor = tiny_model(), tiny_processor()
-    calls = []
-    model.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     with torch.no_grad():
-        first = model.get_text_embeddings(**processor.tokenize_class_names(["cat", "dog"]))
-        again = model.get_text_embeddings(**processor.tokenize_class_names(["cat", "dog"]))
-        assert calls == [4]  # 2 classes x 2 templates, once
-        mixed = model.get_text_embeddings(**processor.tokenize_class_names(["dog", "a much longer class name"]))
-        assert calls == [4, 2]  # only the new class is encoded; the cached one ignores the new padding length
-        torch.testing.assert_close(mixed[0], first[1])
-        torch.testing.assert_close(first, again)
-        model.text_encoder.text_projection.weight.add_(0.1 * torch.randn_like(model.text_encoder.text_projection.weight))
-        changed = model.get_text_embeddings(**processor.tokenize_class_names(["cat", "dog"]))
-    assert calls == [4, 2, 4]
-    assert not torch.allclose(changed, first)
+        alone = model.get_text_embeddings(**processor.tokenize_class_names(["dog"]))
+        with_a_longer_name = model.get_text_embeddings(**processor.tokenize_class_names(["a much longer class name", "dog"]))
+    torch.testing.assert_close(with_a_longer_name[1], alone[0])
+    assert not torch.allclose(with_a_longer_name[0], alone[0])
 
 
-def test_stage_two_training_updates_exactly_the_ip_clip_recipe():
-    model, processor = tiny_model(), tiny_processor()
-    trainable = set(model.apply_mask_aware_finetuning_recipe())
-    assert trainable and all(name.startswith("ip_clip.") for name in trainable)
-    assert not any(".mlp." in name for name in trainable)
-    label_map = np.zeros((64, 64), dtype=np.int64)
-    label_map[:, 32:] = 1
-    label_map[:8] = 255
-    inputs = processor(images=[random_image(64, 64)], text=["cat", "dog"], segmentation_maps=[label_map])
-    model.train()
-    assert not model.decoder.training and not model.backbone.training and model.ip_clip.training
-    outputs = model(**inputs)
-    assert set(outputs.loss_dict) == {"mask_aware_loss", "distillation_loss"}
-    outputs.loss.backward()
-    with_gradient = {name for name, parameter in model.named_parameters() if parameter.grad is not None}
-    assert with_gradient == trainable
+def test_the_model_holds_no_training_state_and_no_hidden_cache():
+    model = tiny_model()
+    assert not any("teacher" in name for name, _ in model.named_parameters())
+    assert not hasattr(model.config, "training_stage") and not hasattr(model.config, "use_distillation_teacher")
+    attributes = set(vars(model)) - set(vars(torch.nn.Module()))
+    assert {name for name in attributes if "cache" in name} == set()
+
+
+def test_a_checkpoint_with_the_old_distillation_teacher_and_config_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(training_stage="maft", use_distillation_teacher=True, ignore_index=255, clip_image_size=64,
+                  prompt_templates=TEMPLATES, mask_aware_loss_weight=1.0, no_object_weight=0.1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    state_dict = load_file(tmp_path / "model.safetensors")
+    state_dict.update({name.replace("ip_clip.", "distillation_teacher.", 1): tensor.clone()
+                       for name, tensor in state_dict.items() if name.startswith("ip_clip.")})
+    save_file(state_dict, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = MaftModel.from_pretrained(tmp_path)
+    assert not any("teacher" in name for name in loaded.state_dict())
+    assert "training_stage" not in loaded.config.to_dict() and "prompt_templates" not in loaded.config.to_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_fresh_weights_follow_the_original_initialisation():
+    model = MaftModel(tiny_config(backbone_config=dict(
+        model_type="maft_deeplab_resnet", depths=[1, 1, 1, 1], stem_out_channels=64, res2_out_channels=256,
+        width_per_group=64, res5_multi_grid=[2],
+    ), feature_size=64, mask_feature_size=64, hidden_dim=64, decoder_feedforward_dim=256, class_embed_hidden_dim=256))
+
+    def uniform_bound(weight):  # a uniform(-b, b) has std b / sqrt(3)
+        return weight.std().item() * 3**0.5
+
+    conv = model.backbone.res5[0].conv2.weight  # c2 MSRA fill: He normal, fan out
+    assert conv.std().item() == pytest.approx((2 / (conv.shape[0] * conv[0, 0].numel())) ** 0.5, rel=0.05)
+    stem = model.backbone.stem.conv3.weight
+    assert stem.std().item() == pytest.approx((2 / (stem.shape[0] * 9)) ** 0.5, rel=0.05)
+    assert torch.equal(model.backbone.res2[0].conv1.norm.running_var, torch.full((64,), 1 - 1e-5))
+    linear = model.decoder.layers[0].linear1.weight  # Xavier uniform
+    assert uniform_bound(linear) == pytest.approx((6 / sum(linear.shape)) ** 0.5, rel=0.05)
+    in_proj = model.decoder.layers[0].cross_attn.in_proj_weight
+    assert uniform_bound(in_proj) == pytest.approx((6 / (in_proj.shape[1] + in_proj.shape[0])) ** 0.5, rel=0.05)
+    assert not model.decoder.layers[0].cross_attn.in_proj_bias.any()
+    head = model.decoder.class_embed.layers[0]  # PyTorch's default: kaiming uniform a=sqrt(5) -> bound 1/sqrt(fan_in)
+    assert uniform_bound(head.weight) == pytest.approx(head.weight.shape[1] ** -0.5, rel=0.05)
+    assert head.bias.abs().max().item() <= head.weight.shape[1] ** -0.5 and head.bias.abs().max().item() > 0
+    assert model.decoder.query_features.weight.std().item() == pytest.approx(1.0, rel=0.15)  # nn.Embedding: N(0, 1)
+    feed_forward = model.pixel_decoder.layers[0].linear1.weight
+    assert uniform_bound(feed_forward) == pytest.approx((6 / sum(feed_forward.shape)) ** 0.5, rel=0.05)
+    assert not model.pixel_decoder.layers[0].self_attn.sampling_offsets.weight.any()
+    mask_features = model.pixel_decoder.mask_features  # c2 Xavier fill: He uniform a=1 -> bound sqrt(3 / fan_in), no bias
+    assert uniform_bound(mask_features.weight) == pytest.approx((3 / mask_features.weight[0].numel()) ** 0.5, rel=0.1)
+    assert not mask_features.bias.any()
+    assert torch.all(model.context_interaction.layer_scale == 0.1) and not model.context_interaction.q_proj.bias.any()
+    assert model.no_object_embedding.std().item() == pytest.approx(32**-0.5, rel=0.5)  # text width 32
 
 
 def test_ensemble_combines_in_vocabulary_and_clip_scores():
@@ -164,20 +165,6 @@ def test_save_and_load_round_trip_and_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(**inputs).class_queries_logits, model(**inputs).class_queries_logits, rtol=0, atol=0)
 
 
-def test_a_model_without_its_distillation_teacher_saves_smaller_and_predicts_the_same(tmp_path):
-    model, processor = tiny_model().eval(), tiny_processor()
-    inputs = processor(images=random_image(64, 48), text=["cat", "dog"])
-    with torch.no_grad():
-        expected = model(**inputs).class_queries_logits
-    model.remove_distillation_teacher()
-    model.save_pretrained(tmp_path)
-    loaded = MaftModel.from_pretrained(tmp_path).eval()
-    assert loaded.distillation_teacher is None and not loaded.config.use_distillation_teacher
-    assert not any(name.startswith("distillation_teacher.") for name in loaded.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).class_queries_logits, expected, rtol=0, atol=0)
-
-
 def test_from_clip_pretrained(tmp_path):
     torch.manual_seed(0)
     clip_config = CLIPConfig(
@@ -192,7 +179,7 @@ def test_from_clip_pretrained(tmp_path):
     model = MaftModel.from_clip_pretrained(str(tmp_path), mask_start_layer=1, **overrides)
     assert model.config.vision_config.mask_start_layer == 1
     torch.testing.assert_close(model.ip_clip.visual_projection.weight, clip.visual_projection.weight)
-    torch.testing.assert_close(model.distillation_teacher.embeddings.class_embedding, clip.vision_model.embeddings.class_embedding)
+    torch.testing.assert_close(model.ip_clip.embeddings.class_embedding, clip.vision_model.embeddings.class_embedding)
     torch.testing.assert_close(model.text_encoder.text_projection.weight, clip.text_projection.weight)
 
 
@@ -210,9 +197,7 @@ def test_default_config_matches_the_released_checkpoint_layout():
     [
         (lambda model, inputs: model(inputs["pixel_values"], input_ids=inputs["input_ids"]), "clip_pixel_values"),
         (lambda model, inputs: model(inputs["pixel_values"], inputs["clip_pixel_values"]), "exactly one of"),
-        (lambda model, inputs: model(inputs["pixel_values"], inputs["clip_pixel_values"], input_ids=inputs["input_ids"][:, :1]), "2 prompt templates"),
         (lambda model, inputs: model(inputs["pixel_values"], inputs["clip_pixel_values"][:0], input_ids=inputs["input_ids"]), "same batch size"),
-        (lambda model, inputs: model(**inputs, labels=torch.zeros(1, 8, 8, dtype=torch.long)), "padded image size"),
     ],
 )
 def test_model_input_errors(call, message):
@@ -280,8 +265,6 @@ def test_config_validation():
         tiny_config(hidden_dim=30)
     with pytest.raises(StrictDataclassClassValidationError, match="ensemble_weight"):
         tiny_config(ensemble_weight=1.5)
-    with pytest.raises(StrictDataclassClassValidationError, match="contain '\\{\\}'"):
-        tiny_config(prompt_templates=["no placeholder"])
     large = MaftConfig.vit_large_patch14()
     assert large.vision_config.mask_start_layer == 16 and large.projection_dim == 768
 

@@ -1,12 +1,23 @@
-"""Stage 1: Hungarian matching, the proposal losses, and training the proposal generator."""
+"""Stage 1: Hungarian matching, the proposal losses (equal to the original's, golden data), and training the proposal
+generator."""
+
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
 
-from maft.modeling_maft import dice_loss_per_mask, hungarian_match, proposal_losses, sigmoid_focal_loss_per_pixel
-from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
-from test_modeling import tiny_config, tiny_model, tiny_processor
-from test_training import CLASS_NAMES, synthetic_dataset
+from golden import golden_image_processor, golden_model, golden_tensors, relative_error, require_golden
+from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+from maft.loss_maft import (
+    MaftHungarianMatcher,
+    MaftProposalLoss,
+    dice_loss_per_mask,
+    semantic_targets,
+    sigmoid_focal_loss_per_pixel,
+)
+from maft.training import PROPOSAL_GENERATOR_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
 
 
 def test_focal_and_dice_by_hand():
@@ -19,48 +30,115 @@ def test_focal_and_dice_by_hand():
 
 
 def test_matching_finds_the_obvious_assignment():
-    masks = torch.zeros(2, 4, 4)
-    masks[0, :2], masks[1, 2:] = 1, 1
-    mask_logits = torch.full((3, 4, 4), -8.0)
-    mask_logits[2, :2], mask_logits[0, 2:] = 8.0, 8.0  # query 2 draws mask 0, query 0 draws mask 1
-    class_logits = torch.zeros(3, 4)
-    class_logits[2, 1], class_logits[0, 3] = 5.0, 5.0
-    queries, targets = hungarian_match(class_logits, mask_logits, torch.tensor([1, 3]), masks, 1.0, 20.0, 5.0)
+    labels = torch.full((1, 4, 4), 255)
+    labels[0, :2], labels[0, 2:] = 1, 3
+    mask_logits = torch.full((1, 3, 4, 4), -8.0)
+    mask_logits[0, 2, :2], mask_logits[0, 0, 2:] = 8.0, 8.0  # query 2 draws class 1's mask, query 0 class 3's
+    class_logits = torch.zeros(1, 3, 5)
+    class_logits[0, 2, 1], class_logits[0, 0, 3] = 5.0, 5.0
+    [(queries, targets)] = MaftHungarianMatcher()(class_logits, mask_logits, semantic_targets(labels, 255))
     assert dict(zip(queries.tolist(), targets.tolist())) == {2: 0, 0: 1}
 
 
-def test_losses_are_low_for_perfect_predictions_and_use_every_layer():
-    config = tiny_config()
-    labels = torch.full((1, 16, 16), 255)
-    labels[0, :8], labels[0, 8:12] = 0, 2
+def perfect_and_bad_predictions(labels: torch.Tensor) -> tuple[dict, dict]:
     perfect_masks = torch.full((1, 5, 4, 4), -20.0)
     perfect_masks[0, 0, :2], perfect_masks[0, 1, 2:3] = 20.0, 20.0
     perfect_classes = torch.full((1, 5, 4), -20.0)
     perfect_classes[0, :, 3] = 20.0
     perfect_classes[0, 0], perfect_classes[0, 1] = torch.tensor([20.0, -20, -20, -20]), torch.tensor([-20.0, -20, 20, -20])
-    good = [{"class_queries_logits": perfect_classes, "masks_queries_logits": perfect_masks}]
-    bad = [{"class_queries_logits": torch.zeros(1, 5, 4), "masks_queries_logits": torch.zeros(1, 5, 4, 4)}]
-    good_losses, bad_losses = proposal_losses(good, labels, config), proposal_losses(bad, labels, config)
-    assert all(good_losses[name] < 1e-3 < bad_losses[name] for name in good_losses)
-    twice = proposal_losses(bad * 2, labels, config)
-    assert all(torch.isclose(twice[name], 2 * bad_losses[name]) for name in bad_losses)
-    with pytest.raises(ValueError, match="vocabulary has 3 classes"):
-        proposal_losses(bad, torch.full((1, 16, 16), 7), config)
+    good = {"class_queries_logits": perfect_classes, "masks_queries_logits": perfect_masks}
+    bad = {"class_queries_logits": torch.zeros(1, 5, 4), "masks_queries_logits": torch.zeros(1, 5, 4, 4)}
+    return good, bad
+
+
+def test_losses_are_low_for_perfect_predictions_and_deep_supervision_skips_the_last_auxiliary():
+    labels = torch.full((1, 16, 16), 255)
+    labels[0, :8], labels[0, 8:12] = 0, 2
+    good, bad = perfect_and_bad_predictions(labels)
+    criterion = MaftProposalLoss()
+    good_losses, bad_losses = criterion(**good, labels=labels), criterion(**bad, labels=labels)
+    assert all(good_losses[name] < 0.05 < 1 < bad_losses[name] for name in good_losses)
+    # auxiliary predictions earliest first: all but the last are supervised, as the original does
+    deep = criterion(**bad, labels=labels, auxiliary_predictions=[good, bad, good])
+    assert set(deep) == {f"{term}_loss{suffix}" for term in ("class", "mask", "dice") for suffix in ("", "_0", "_1")}
+    assert deep["class_loss_0"] < 0.05 and torch.isclose(deep["class_loss_1"], bad_losses["class_loss"])
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\]"):
+        criterion(**bad, labels=torch.full((1, 16, 16), 7))
+
+
+def test_mask_losses_compare_at_the_labels_resolution():
+    """A one-pixel-wide stripe that nearest downsampling to the prediction's 4x4 grid loses: at 1/4 resolution the
+    ground truth would be empty there; at the labels' 16x16 it is not, and the losses show the difference."""
+    labels = torch.full((1, 16, 16), 1)
+    labels[0, :, 5] = 0  # column 5 is not sampled by nearest resizing to 4 columns (it takes 0, 4, 8, 12)
+    mask_logits = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    class_logits = torch.zeros(1, 2, 3)
+    losses = MaftProposalLoss()(class_logits, mask_logits, labels)
+    [(queries, targets)] = MaftHungarianMatcher()(class_logits, mask_logits, semantic_targets(labels, 255))
+    upsampled = F.interpolate(mask_logits[0, queries][:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    full = semantic_targets(labels, 255)[0][1][targets]
+    expected_focal = 20 * sigmoid_focal_loss_per_pixel(upsampled.flatten(1), full.flatten(1)).mean(-1).sum() / 2
+    expected_dice = 5 * dice_loss_per_mask(upsampled.flatten(1), full.flatten(1)).sum() / 2
+    torch.testing.assert_close(losses["mask_loss"], expected_focal)
+    torch.testing.assert_close(losses["dice_loss"], expected_dice)
+    quarter = F.interpolate(full[:, None], size=(4, 4), mode="nearest")[:, 0]
+    assert not quarter[targets.tolist().index(0)].any()  # at 1/4 resolution the stripe is gone
+    quarter_dice = 5 * dice_loss_per_mask(mask_logits[0, queries].flatten(1), quarter.flatten(1)).sum() / 2
+    assert not torch.isclose(quarter_dice, expected_dice, rtol=1e-2)
+
+
+def test_padding_is_negative_for_every_mask_and_an_unlabelled_image_only_teaches_no_object():
+    labels = torch.full((2, 8, 8), 255)
+    labels[0, :4, :4] = 0  # image 0: class 0 in its top-left; everything else ignored or padding
+    mask_logits = torch.zeros(2, 3, 2, 2, requires_grad=True)
+    class_logits = torch.zeros(2, 3, 2, requires_grad=True)
+    losses = MaftProposalLoss()(class_logits, mask_logits, labels)
+    # one ground-truth mask in the batch; its matched logits are 0 everywhere: focal over all 64 pixels, 16 positive
+    focal_positive, focal_negative = 0.25 * 0.25 * torch.log(torch.tensor(2.0)), 0.75 * 0.25 * torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(losses["mask_loss"], 20 * (16 * focal_positive + 48 * focal_negative) / 64)
+    torch.testing.assert_close(losses["dice_loss"], torch.tensor(5 * (1 - (2 * 8 + 1) / (32 + 16 + 1))))
+    sum(losses.values()).backward()
+    assert class_logits.grad[1].abs().sum() > 0 and mask_logits.grad[1].abs().sum() == 0  # image 1: no object only
+
+
+def test_stage_one_losses_equal_the_original_term_by_term():
+    """The golden stage-1 case: the original's `SetCriterion` losses of its final and three auxiliary predictions."""
+    tensors = golden_tensors()
+    reference = load_file(require_golden() / "stage1_reference_tensors.safetensors")
+    expected = json.loads((require_golden() / "stage1_losses.json").read_text())
+    images = [tensors[f"train_image_{index}"].numpy() for index in range(2)]
+    labels = [tensors[f"train_label_{index}"].numpy() for index in range(2)]
+    inputs = golden_image_processor()(images, segmentation_maps=labels)
+    model = golden_model()
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"], inputs["clip_pixel_values"], text_embeds=tensors["train_text_features"][:-1])
+    assert relative_error(outputs.proposal_class_logits, reference["stage1_pred_logits"]) < 1e-4
+    assert relative_error(outputs.masks_queries_logits, reference["stage1_pred_masks"]) < 1e-4
+    losses = PROPOSAL_GENERATOR_RECIPE.training_loss(model).criterion(
+        outputs.proposal_class_logits, outputs.masks_queries_logits, inputs["labels"], outputs.auxiliary_logits
+    )
+    names = {"class": "ce", "mask": "mask", "dice": "dice"}
+    ours = {f"loss_{names[name.split('_')[0]]}{name[len(name.split('_')[0]) + 5:]}": value.item() for name, value in losses.items()}
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-4), name
 
 
 def test_stage_one_overfits_and_trains_only_the_proposal_generator(tmp_path):
     model, processor = tiny_model(), tiny_processor()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    collator = MaftTrainingCollator(processor, CLASS_NAMES)
+    collator = MaftTrainingCollator(processor)
     batch = collator(synthetic_dataset(2))
-    model.config.training_stage = "proposals"
-    model.train()
-    initial = model(**batch).loss.item()
-    arguments = MaftTrainingArguments(output_dir=str(tmp_path), stage="proposals", per_device_batch_size=2, max_steps=30,
-                                      save_steps=30, learning_rate=1e-3, gradient_clip_norm=1.0)
-    trained = train(model, processor, synthetic_dataset(2), collator, arguments)
-    trained.train()
-    final = trained(**batch).loss.item()
+    recipe = PROPOSAL_GENERATOR_RECIPE.replace(batch_size=2, max_steps=30, learning_rate=1e-3, gradient_clip_norm=1.0)
+    stage_loss = recipe.training_loss(model)
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
+        recipe.set_training_modes(model)
+        initial = sum(stage_loss(model, batch, text_embeds).values()).item()
+    arguments = MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, save_steps=30)
+    trained = train(model, processor, synthetic_dataset(2), collator, CLASS_NAMES, arguments)
+    with torch.no_grad():
+        final = sum(stage_loss(trained, batch, text_embeds).values()).item()
     assert final < 0.6 * initial
     changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and all(name.startswith(("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")) for name in changed)

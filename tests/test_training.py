@@ -7,50 +7,36 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from helpers import CLASS_NAMES, random_image, save_training_inputs, synthetic_dataset, tiny_model, tiny_processor
 from maft import MaftModel
-from maft.training import MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
+from maft.training import (
+    MASK_AWARE_FINE_TUNING_RECIPE,
+    PROPOSAL_GENERATOR_RECIPE,
+    MaftTrainer,
+    MaftTrainingArguments,
+    MaftTrainingCollator,
+    complete_checkpoints,
+    get_recipe,
+    train,
+    trainer_arguments,
+)
 from maft.training import loop as train_module
 from maft.training.augmentation import AugmentationConfig
 from maft.training.collator import EpochIndexedDataset
-from test_modeling import random_image, tiny_model, tiny_processor
 
 
-CLASS_NAMES = ["cat", "dog", "sky"]
 SMALL_CROPS = AugmentationConfig(short_sides=(64, 96), crop_size=64)
 
 
-def synthetic_dataset(size: int = 4) -> list[dict]:
-    examples = []
-    for index in range(size):
-        label = np.full((64, 64), 2, dtype=np.int64)
-        label[16:48, : 32 if index % 2 else 64] = index % 2
-        label[:4] = 255
-        examples.append({"image": random_image(64, 64, seed=index), "label": label})
-    return examples
-
-
-def save_training_inputs(path) -> None:
-    """The synthetic dataset (save_to_disk, image and label columns) in `path/data`, a tiny model in `path/init`."""
-    from datasets import Dataset, Features, Image as ImageFeature
-    from PIL import Image
-
-    examples = synthetic_dataset()
-    Dataset.from_dict(
-        {"image": [example["image"] for example in examples],
-         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
-        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
-    ).save_to_disk(path / "data")
-    tiny_model().save_pretrained(path / "init")
-    tiny_processor().save_pretrained(path / "init")
-
-
-def run(tmp_path, model=None, augmentation=None, **overrides):
-    recipe = {"per_device_batch_size": 2, "max_steps": 4, "save_steps": 2, "learning_rate": 1e-3, **overrides}
-    arguments = MaftTrainingArguments(output_dir=str(tmp_path), **recipe)
+def run(tmp_path, model=None, augmentation=None, resume=False, push_to_hub=False, **run_settings):
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=run_settings.pop("batch_size", 2), max_steps=run_settings.pop("max_steps", 4),
+                                                   learning_rate=1e-3)
+    arguments = MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, resume=resume, push_to_hub=push_to_hub,
+                                      **{"save_steps": 2, **run_settings})
     processor = tiny_processor()
     model = model or tiny_model()
-    collator = MaftTrainingCollator(processor, CLASS_NAMES, augmentation=augmentation, seed=arguments.seed)
-    return train(model, processor, synthetic_dataset(), collator, arguments)
+    collator = MaftTrainingCollator(processor, augmentation=augmentation, seed=recipe.seed)
+    return train(model, processor, synthetic_dataset(), collator, CLASS_NAMES, arguments)
 
 
 def interrupted_then_resumed(tmp_path, monkeypatch, **overrides) -> MaftModel:
@@ -74,25 +60,85 @@ def assert_same_weights(actual: MaftModel, expected: MaftModel) -> None:
         torch.testing.assert_close(actual_tensor, expected_tensor, rtol=0, atol=1e-6, msg=name)
 
 
-def test_loss_falls_and_exactly_the_recipe_changes(tmp_path):
-    model = tiny_model()
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    processor = tiny_processor()
-    collator = MaftTrainingCollator(processor, CLASS_NAMES)
-    batch = collator(synthetic_dataset(2))
+def stage_two_loss_and_batch(model, processor):
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE
+    recipe.apply_to(model)
+    stage_loss = recipe.training_loss(model)
     with torch.no_grad():
-        initial_loss = model(**batch).loss.item()
-    arguments = MaftTrainingArguments(output_dir=str(tmp_path), per_device_batch_size=2, max_steps=25, save_steps=25,
-                                      learning_rate=3e-3, gradient_clip_norm=1.0)
-    trained = train(model, processor, synthetic_dataset(2), collator, arguments)
+        text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
+    return stage_loss, MaftTrainingCollator(processor)(synthetic_dataset(2)), text_embeds
+
+
+def test_loss_falls_and_exactly_the_recipe_changes(tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    stage_loss, batch, text_embeds = stage_two_loss_and_batch(model, processor)
+    with torch.no_grad():
+        initial_loss = sum(stage_loss(model, batch, text_embeds).values()).item()
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=2, max_steps=25, learning_rate=3e-3, gradient_clip_norm=1.0)
+    trained = train(model, processor, synthetic_dataset(2), MaftTrainingCollator(processor), CLASS_NAMES,
+                    MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, save_steps=25))
     trained.eval()
     with torch.no_grad():
-        final_loss = trained(**batch).loss.item()
+        final_loss = sum(stage_loss(trained, batch, text_embeds).values()).item()
     assert final_loss < 0.7 * initial_loss
-    recipe = {f"ip_clip.{name}" for name in trained.ip_clip.apply_mask_aware_finetuning_recipe()}
+    trainable = {name for name, _ in tiny_model().named_parameters() if recipe.is_trainable(name)}
     changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed and changed <= recipe
+    assert changed and changed <= trainable
     assert any(".self_attn." in name for name in changed) and "ip_clip.post_layernorm.weight" in changed
+
+
+def test_stage_two_gradients_reach_exactly_the_recipe_and_the_frozen_parts_stay_in_eval_mode():
+    model, processor = tiny_model(), tiny_processor()
+    stage_loss, batch, text_embeds = stage_two_loss_and_batch(model, processor)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and all(name.startswith("ip_clip.") for name in trainable) and not any(".mlp." in name for name in trainable)
+    MASK_AWARE_FINE_TUNING_RECIPE.set_training_modes(model)
+    assert not model.decoder.training and not model.pixel_decoder.training and model.ip_clip.training
+    assert not stage_loss.teacher.training and not any(parameter.requires_grad for parameter in stage_loss.teacher.parameters())
+    losses = stage_loss(model, batch, text_embeds)
+    assert set(losses) == {"mask_aware_loss", "distillation_loss"}
+    sum(losses.values()).backward()
+    assert {name for name, parameter in model.named_parameters() if parameter.grad is not None} == trainable
+
+
+def test_the_teacher_is_the_starting_tower_and_stays_so(tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    stage_loss = MASK_AWARE_FINE_TUNING_RECIPE.training_loss(model)
+    start = {name: tensor.clone() for name, tensor in model.ip_clip.state_dict().items()}
+    model.ip_clip.post_layernorm.weight.data.add_(1.0)
+    assert all(torch.equal(stage_loss.teacher.state_dict()[name], tensor) for name, tensor in start.items())
+
+
+@pytest.mark.parametrize("recipe", [PROPOSAL_GENERATOR_RECIPE, MASK_AWARE_FINE_TUNING_RECIPE], ids=lambda recipe: recipe.stage)
+def test_weight_decay_follows_the_module_type_parameter_by_parameter(recipe):
+    model = tiny_model()
+    recipe.apply_to(model)
+    decay_of = {id(parameter): group["weight_decay"] for group in recipe.parameter_groups(model) for parameter in group["params"]}
+    lr_of = {id(parameter): group["lr"] for group in recipe.parameter_groups(model) for parameter in group["params"]}
+    owners = {name: module for module_name, module in model.named_modules()
+              for name in (f"{module_name}.{local}".lstrip(".") for local, _ in module.named_parameters(recurse=False))}
+    checked = 0
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert id(parameter) not in decay_of, name
+            continue
+        owner = owners[name]
+        no_decay = isinstance(owner, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding))
+        assert decay_of[id(parameter)] == (0.0 if no_decay else recipe.weight_decay), name
+        assert lr_of[id(parameter)] == pytest.approx(recipe.learning_rate * (0.1 if name.startswith("backbone.") else 1.0)), name
+        checked += 1
+    assert checked == len(decay_of)
+    named = dict(model.named_parameters())
+    if recipe.stage == "proposals":  # biases, the class/mask heads, level embedding parameter: decayed; nn.Embedding: not
+        for name in ("decoder.class_embed.layers.0.bias", "decoder.mask_embed.layers.0.weight", "pixel_decoder.level_embed",
+                     "no_object_embedding", "context_interaction.layer_scale"):
+            assert decay_of[id(named[name])] == recipe.weight_decay, name
+        for name in ("decoder.query_features.weight", "decoder.level_embed.weight", "decoder.decoder_norm.bias"):
+            assert decay_of[id(named[name])] == 0.0, name
+    else:
+        assert decay_of[id(named["ip_clip.encoder.layers.0.self_attn.q_proj.bias"])] == recipe.weight_decay
+        assert decay_of[id(named["ip_clip.encoder.layers.0.layer_norm1.weight"])] == 0.0
 
 
 def test_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkeypatch):
@@ -106,7 +152,7 @@ def test_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkeypatc
 
 def test_resume_with_augmentation_equals_a_straight_run(tmp_path, monkeypatch):
     # batches of 1: the run stops in the middle of epoch 0 (after 3 of its 4 batches), and resumed goes on into epoch 1
-    overrides = {"augmentation": SMALL_CROPS, "per_device_batch_size": 1, "max_steps": 6, "save_steps": 3}
+    overrides = {"augmentation": SMALL_CROPS, "batch_size": 1, "max_steps": 6, "save_steps": 3}
     straight = run(tmp_path / "straight", **overrides)
     resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, **overrides)
     assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-3", "checkpoint-6"]
@@ -114,7 +160,7 @@ def test_resume_with_augmentation_equals_a_straight_run(tmp_path, monkeypatch):
 
 
 def test_an_example_is_augmented_by_its_seed_epoch_and_index_alone():
-    collator = MaftTrainingCollator(tiny_processor(), CLASS_NAMES, augmentation=SMALL_CROPS)
+    collator = MaftTrainingCollator(tiny_processor(), augmentation=SMALL_CROPS)
     dataset = EpochIndexedDataset(synthetic_dataset())
     pair = collator([dataset[0], dataset[1]])["pixel_values"]
     assert torch.equal(collator([dataset[1]])["pixel_values"][0], pair[1])  # whatever the batch, process or call order
@@ -150,32 +196,36 @@ def test_a_dead_hub_does_not_stop_training(tmp_path, hub_server, caplog):
     assert "upload of" in caplog.text and "user/unreachable" in caplog.text
 
 
-def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="`stage` must be one of maft, proposals"):
-        MaftTrainingArguments(output_dir="x", stage="clip")
+def test_arguments_and_recipes_are_checked():
+    with pytest.raises(ValueError, match="`stage` must be one of proposals, maft"):
+        get_recipe("clip")
     with pytest.raises(ValueError, match="needs `hub_model_id`"):
         MaftTrainingArguments(output_dir="x", push_to_hub=True)
-    defaults = MaftTrainingArguments(output_dir="x")
-    assert (defaults.learning_rate, defaults.weight_decay, defaults.max_steps) == (1e-5, 1e-4, 1000)
+    with pytest.raises(ValueError, match="has no learning_rte"):
+        MASK_AWARE_FINE_TUNING_RECIPE.replace(learning_rte=1.0)
+    with pytest.raises(ValueError, match="`max_steps` must be at least 1"):
+        MASK_AWARE_FINE_TUNING_RECIPE.replace(max_steps=0)
+    recipe = MaftTrainingArguments(output_dir="x").recipe
+    assert (recipe.learning_rate, recipe.weight_decay, recipe.max_steps, recipe.gradient_clip_norm) == (1e-5, 1e-4, 1000, 0.01)
+    assert (PROPOSAL_GENERATOR_RECIPE.learning_rate, PROPOSAL_GENERATOR_RECIPE.max_steps) == (1.5e-4, 60000)
 
 
 def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_path, hub_server):
-    from transformers import Trainer, TrainingArguments
-
     model, processor = tiny_model(), tiny_processor()
-    model.apply_mask_aware_finetuning_recipe()
     before = model.ip_clip.post_layernorm.weight.clone()
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-        remove_unused_columns=False, use_cpu=True, push_to_hub=True, hub_model_id="user/maft-trainer", save_strategy="no",
-    )
-    trainer = Trainer(model=model, args=arguments, train_dataset=synthetic_dataset(),
-                      data_collator=MaftTrainingCollator(processor, CLASS_NAMES))
+    arguments = trainer_arguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
+                                  use_cpu=True, push_to_hub=True, hub_model_id="user/maft-trainer", save_strategy="no")
+    assert (arguments.weight_decay, arguments.max_grad_norm, arguments.seed) == (1e-4, 0.01, 123)
+    trainer = MaftTrainer(model, arguments, processor=processor, class_names=CLASS_NAMES, train_dataset=synthetic_dataset(),
+                          data_collator=MaftTrainingCollator(processor))
     result = trainer.train()
     trainer.push_to_hub()
     assert result.global_step == 2 and np.isfinite(result.training_loss)
     assert not torch.equal(model.ip_clip.post_layernorm.weight, before)
-    assert "model.safetensors" in hub_server.files("user/maft-trainer")
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == {
+        name for name, _ in model.named_parameters() if MASK_AWARE_FINE_TUNING_RECIPE.is_trainable(name)}
+    files = hub_server.files("user/maft-trainer")
+    assert "model.safetensors" in files and "processor_config.json" in files
 
 
 @pytest.mark.parametrize("stage", ["maft", "proposals"])

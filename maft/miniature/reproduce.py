@@ -7,6 +7,7 @@ interrupted run continues where it stopped (a training stage from its newest che
 """
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,12 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from ..cli import main as maft_main
 from ..configuration_maft import MaftDeepLabResNetConfig
+from ..evaluation import evaluate_on_dataset
 from ..modeling_maft import MaftModel
 from ..processing_maft import MaftImageProcessor, MaftProcessor
+from ..segmentation_data import load_segmentation_dataset, segmentation_metadata
+from ..training import MaftTrainingArguments, get_recipe, train_from_pretrained
 from .clip_pretraining import pretrain_clip, small_clip_config
 from .tokenizer import train_clip_tokenizer
 from .world import CAPTION_TEMPLATES, CLASS_NAMES, IGNORE_INDEX, UNSEEN_CLASS_NAMES, SceneSpec, build_dataset, scenes
@@ -64,8 +67,7 @@ def miniature_model_kwargs(recipe: MiniatureRecipe) -> dict:
         ).to_dict(),
         feature_size=64, mask_feature_size=64, encoder_layers=2, encoder_attention_heads=4, encoder_feedforward_dim=128,
         context_attention_dim=128, context_attention_heads=4, hidden_dim=64, num_queries=16, decoder_layers=3,
-        decoder_attention_heads=4, decoder_feedforward_dim=256, class_embed_hidden_dim=128, clip_image_size=recipe.image_size,
-        prompt_templates=list(CAPTION_TEMPLATES),
+        decoder_attention_heads=4, decoder_feedforward_dim=256, class_embed_hidden_dim=128,
     )
 
 
@@ -78,6 +80,13 @@ def write_once(target: Path, write: Callable[[Path], None]) -> None:
     partial.mkdir(parents=True)
     write(partial)
     partial.rename(target)
+
+
+def write_once_file(target: Path, text: str) -> None:
+    """`text` into `target` through a temporary name, so an interrupted write never looks complete."""
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, target)
 
 
 def build_world(recipe: MiniatureRecipe, data_dir: Path) -> None:
@@ -113,41 +122,40 @@ def initial_model(recipe: MiniatureRecipe, clip_dir: Path, folder: Path) -> None
 
 
 def train_stage(stage: str, recipe: MiniatureRecipe, data_dir: Path, init_dir: Path, output_dir: Path) -> None:
-    """`maft train` as a user runs it (resuming from a checkpoint of an interrupted run); the result is `output_dir/model`."""
+    """Trains `stage` with its recipe at the miniature's sizes (resuming from a checkpoint of an interrupted run); the
+    result is `output_dir/model`."""
     if (output_dir / "model").exists():
         return
     steps, learning_rate = {
         "proposals": (recipe.proposal_steps, recipe.proposal_learning_rate),
         "maft": (recipe.maft_steps, recipe.maft_learning_rate),
     }[stage]
-    arguments = [
-        "train", "--stage", stage, "--train-dataset", str(data_dir / "train"), "--init-from", str(init_dir),
-        "--output-dir", str(output_dir / "run"), "--resume", "--max-steps", str(steps), "--learning-rate", str(learning_rate),
-        "--per-device-batch-size", str(recipe.batch_size), "--save-steps", str(max(steps // 5, 1)), "--seed", str(recipe.seed),
-        # The world's class names are colours: the photometric part of the augmentation would change what they mean.
-        "--no-augmentation",
-    ]
-    print("maft " + " ".join(arguments))
-    maft_main(arguments)
+    stage_recipe = get_recipe(stage).replace(max_steps=steps, learning_rate=learning_rate, batch_size=recipe.batch_size, seed=recipe.seed)
+    arguments = MaftTrainingArguments(output_dir=str(output_dir / "run"), recipe=stage_recipe, resume=True,
+                                      save_steps=max(steps // 5, 1))
+    train_dataset = load_segmentation_dataset(str(data_dir / "train"))
+    class_names, ignore_index = segmentation_metadata(train_dataset)
+    print(f"training {stage_recipe.description}: {steps} steps")
+    # The world's class names are colours: the photometric part of the augmentation would change what they mean.
+    train_from_pretrained(str(init_dir), train_dataset, class_names, arguments, ignore_index, augment=False)
     (output_dir / "run" / f"checkpoint-{steps}" / "model").rename(output_dir / "model")
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, result_path: Path) -> dict:
-    """`maft evaluate` on the test scenes with the unseen split; its results (read back if already written)."""
+    """The model's metrics on the test scenes with the unseen split (read back if already written)."""
     if not result_path.exists():
-        arguments = ["evaluate", "--model", str(model_dir), "--dataset", str(data_dir / "test"),
-                     "--unseen-class-names", ", ".join(UNSEEN_CLASS_NAMES), "--output", str(result_path), "--device", "cpu"]
-        print("maft " + " ".join(arguments))
-        maft_main(arguments)
+        test_dataset = load_segmentation_dataset(str(data_dir / "test"))
+        class_names, ignore_index = segmentation_metadata(test_dataset)
+        results = evaluate_on_dataset(MaftModel.from_pretrained(model_dir), MaftProcessor.from_pretrained(model_dir),
+                                      test_dataset, class_names, ignore_index, UNSEEN_CLASS_NAMES)
+        print(f"{model_dir}: mIoU {results['mIoU']:.1f}, seen {results['mIoU-seen']:.1f}, unseen {results['mIoU-unseen']:.1f}")
+        write_once_file(result_path, json.dumps(results, indent=2))
     return json.loads(result_path.read_text())
 
 
 def write_bundle(recipe: MiniatureRecipe, model_dir: Path, folder: Path) -> None:
-    """What the package ships: `maft-mini/`, the stage-2 model without the distillation teacher (only training needs
-    it), and `examples/`: scenes of all classes (`scene-i.png`, label map `scene-i-labels.png`) and `classes.json`."""
-    model = MaftModel.from_pretrained(model_dir)
-    model.remove_distillation_teacher()
-    model.save_pretrained(folder / "maft-mini")
+    """What the package ships: `maft-mini/`, the stage-2 model, and `examples/`: scenes of all classes (`scene-i.png`, label map `scene-i-labels.png`) and `classes.json`."""
+    MaftModel.from_pretrained(model_dir).save_pretrained(folder / "maft-mini")
     MaftProcessor.from_pretrained(model_dir).save_pretrained(folder / "maft-mini")
     examples = folder / "examples"
     examples.mkdir()
@@ -196,6 +204,6 @@ def reproduce_miniature(output_dir: str | Path, recipe: MiniatureRecipe | None =
         with timed(f"evaluation: {name}"):
             results[name] = evaluate_model(root / stage / "model", data_dir, root / output)
     write_once(root / "bundle", lambda folder: write_bundle(recipe, root / "maft" / "model", folder))
-    (root / "results.json").write_text(json.dumps({"recipe": asdict(recipe), "results": results, "seconds": seconds}, indent=2))
+    write_once_file(root / "results.json", json.dumps({"recipe": asdict(recipe), "results": results, "seconds": seconds}, indent=2))
     print(results_table(results))
     return results

@@ -1,7 +1,22 @@
-"""Training MAFT: the Accelerate loop, the data collator shared with `transformers.Trainer`."""
+"""Training MAFT: one recipe per stage, the Accelerate loop, and `transformers.Trainer` with the same recipe."""
 
 from .collator import MaftTrainingCollator
-from .loop import MaftTrainingArguments, complete_checkpoints, train
+from .loop import MaftTrainingArguments, complete_checkpoints, train, train_from_pretrained
+from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, PROPOSAL_GENERATOR_RECIPE, RECIPES, TrainingRecipe, get_recipe
+from .trainer import MaftTrainer, trainer_arguments
 
 
-__all__ = ["MaftTrainingArguments", "MaftTrainingCollator", "complete_checkpoints", "train"]
+__all__ = [
+    "MASK_AWARE_FINE_TUNING_RECIPE",
+    "PROPOSAL_GENERATOR_RECIPE",
+    "RECIPES",
+    "MaftTrainer",
+    "MaftTrainingArguments",
+    "MaftTrainingCollator",
+    "TrainingRecipe",
+    "complete_checkpoints",
+    "get_recipe",
+    "train",
+    "train_from_pretrained",
+    "trainer_arguments",
+]

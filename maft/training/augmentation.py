@@ -15,7 +15,6 @@ class AugmentationConfig:
     crop_size: a random crop of this square size (smaller images are cropped to what there is), then padding to it.
     color_jitter: SSD-style photometric distortion (brightness, contrast, saturation, hue, each with probability 1/2).
     flip_probability: probability of a horizontal flip.
-    ignore_index: the label of padded pixels.
     """
 
     short_sides: tuple[int, ...] = tuple(range(320, 961, 64))
@@ -23,7 +22,6 @@ class AugmentationConfig:
     crop_size: int = 640
     color_jitter: bool = True
     flip_probability: float = 0.5
-    ignore_index: int = 255
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +49,8 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return image.clip(0, 255).astype(np.uint8)
 
 
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, config: AugmentationConfig) -> tuple[np.ndarray, np.ndarray]:
+def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, config: AugmentationConfig,
+            ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image and (H, W) label map -> a `crop_size` square pair, padded with 0 and `ignore_index`."""
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label map {label.shape} must have the same size.")
@@ -70,7 +69,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, conf
         image, label = image[:, ::-1], label[:, ::-1]
 
     padded_image = np.zeros((config.crop_size, config.crop_size, 3), dtype=np.uint8)
-    padded_label = np.full((config.crop_size, config.crop_size), config.ignore_index, dtype=np.int64)
+    padded_label = np.full((config.crop_size, config.crop_size), ignore_index, dtype=np.int64)
     padded_image[:crop_height, :crop_width] = image
     padded_label[:crop_height, :crop_width] = label
     return padded_image, padded_label

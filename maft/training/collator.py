@@ -36,19 +36,18 @@ class EpochIndexedDataset(Dataset):
 class MaftTrainingCollator:
     """
     Turns examples `{"image": ..., "label": ...}` (PIL images or arrays; the label a map of class indices, with the
-    processor's ignore index for unlabelled pixels) into padded model inputs, with the vocabulary `class_names`
-    tokenised into every batch (the model caches its embeddings, so this costs nothing after the first batch).
+    processor's ignore index for unlabelled pixels) into padded model inputs with `labels`. The class names' text
+    embeddings are not part of a batch: the training code computes them once (`MaftModel.get_text_embeddings`).
     With `augmentation`, each example is augmented first (DESIGN.md §4): from a generator seeded with `seed` and the
     example's `EXAMPLE_KEY` when it has one (`EpochIndexedDataset`, as `train` uses), else from one generator seeded
     with `seed` for all examples. `label_ignore_index`, when the dataset marks unlabelled pixels with another value
     than the processor (e.g. 65535 in 16-bit label maps), is mapped to the processor's.
     """
 
-    def __init__(self, processor: MaftProcessor, class_names: Sequence[str], do_resize: bool = False,
-                 image_column: str = "image", label_column: str = "label",
-                 augmentation: AugmentationConfig | None = None, seed: int = 0, label_ignore_index: int | None = None):
-        processor.tokenize_class_names(list(class_names))  # fail early on a bad vocabulary
-        self.processor, self.class_names, self.do_resize = processor, list(class_names), do_resize
+    def __init__(self, processor: MaftProcessor, do_resize: bool = False, image_column: str = "image",
+                 label_column: str = "label", augmentation: AugmentationConfig | None = None, seed: int = 0,
+                 label_ignore_index: int | None = None):
+        self.processor, self.do_resize = processor, do_resize
         self.image_column, self.label_column = image_column, label_column
         self.augmentation, self.seed, self.rng = augmentation, seed, np.random.default_rng(seed)
         self.label_ignore_index = label_ignore_index
@@ -68,8 +67,8 @@ class MaftTrainingCollator:
             labels = [np.where(label == self.label_ignore_index, ignore_index, label) for label in map(to_label_array, labels)]
         if self.augmentation is not None:
             pairs = [
-                augment(to_rgb_array(image), to_label_array(label), self.example_rng(example), self.augmentation)
+                augment(to_rgb_array(image), to_label_array(label), self.example_rng(example), self.augmentation, ignore_index)
                 for image, label, example in zip(images, labels, examples)
             ]
             images, labels = [image for image, _ in pairs], [label for _, label in pairs]
-        return self.processor(images=images, segmentation_maps=labels, text=self.class_names, do_resize=self.do_resize)
+        return self.processor(images=images, segmentation_maps=labels, do_resize=self.do_resize)

@@ -6,48 +6,38 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import ModelCard
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..modeling_maft import MaftModel
+from ..modeling_maft import MaftClipVisionModel, MaftModel
 from ..processing_maft import MaftProcessor
 from .collator import EpochIndexedDataset, MaftTrainingCollator
+from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, TrainingRecipe
 
 
 logger = logging.getLogger("maft.training")
 
 CHECKPOINT_PREFIX = "checkpoint-"
-STAGE_DEFAULTS = {
-    # stage: (learning rate, weight decay, steps), DESIGN.md §4
-    "maft": (1e-5, 1e-4, 1000),
-    "proposals": (1.5e-4, 1.5e-4, 60000),
-}
 
 
 @dataclass
 class MaftTrainingArguments:
-    """Every recipe value of DESIGN.md §4; `None` takes the stage's published value. `base_model` and `dataset_name`
-    (what training started from and ran on) only go into the model cards of the checkpoints."""
+    """How a run goes (where it writes, how often it saves and logs, where it publishes); how it trains is the
+    `recipe`'s (`maft.training.recipes`). `base_model` and `dataset_name` (what training started from and ran on) only
+    go into the model cards of the checkpoints."""
 
     output_dir: str
-    stage: str = "maft"
-    max_steps: int | None = None
-    learning_rate: float | None = None
-    weight_decay: float | None = None
-    backbone_lr_multiplier: float = 0.1
-    gradient_clip_norm: float = 0.01
-    poly_power: float = 0.9
-    per_device_batch_size: int = 16
+    recipe: TrainingRecipe = MASK_AWARE_FINE_TUNING_RECIPE
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
-    seed: int = 123
     save_steps: int = 100
     logging_steps: int = 10
     resume: bool = False
@@ -59,40 +49,11 @@ class MaftTrainingArguments:
     dataset_name: str | None = None
 
     def __post_init__(self):
-        if self.stage not in STAGE_DEFAULTS:
-            raise ValueError(f"`stage` must be one of {', '.join(STAGE_DEFAULTS)}, got {self.stage!r}.")
-        learning_rate, weight_decay, steps = STAGE_DEFAULTS[self.stage]
-        self.learning_rate = learning_rate if self.learning_rate is None else self.learning_rate
-        self.weight_decay = weight_decay if self.weight_decay is None else self.weight_decay
-        self.max_steps = steps if self.max_steps is None else self.max_steps
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` (e.g. 'your-name/maft-coco').")
-        for name in ("max_steps", "save_steps", "logging_steps", "per_device_batch_size", "gradient_accumulation_steps"):
+        for name in ("save_steps", "logging_steps", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-
-
-def optimizer_parameter_groups(model: MaftModel, arguments: MaftTrainingArguments) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and embeddings; the backbone's learning rate scaled down."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        no_decay = parameter.dim() < 2 or "norm" in name or "embed" in name
-        in_backbone = name.startswith("backbone.")
-        groups.setdefault((no_decay, in_backbone), []).append(parameter)
-    return [
-        {
-            "params": parameters,
-            "weight_decay": 0.0 if no_decay else arguments.weight_decay,
-            "lr": arguments.learning_rate * (arguments.backbone_lr_multiplier if in_backbone else 1.0),
-        }
-        for (no_decay, in_backbone), parameters in groups.items()
-    ]
-
-
-def poly_schedule(optimizer: torch.optim.Optimizer, max_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / max_steps) ** power)
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -139,38 +100,44 @@ def train(
     processor: MaftProcessor,
     train_dataset,
     collate_fn,
+    class_names: Sequence[str],
     arguments: MaftTrainingArguments,
+    teacher: MaftClipVisionModel | None = None,
 ) -> MaftModel:
     """
-    Trains `model` for `arguments.stage` on `train_dataset` (a map-style dataset whose items `collate_fn` turns into
-    `MaftModel` inputs with `labels`). Runs unchanged under `accelerate launch`. Checkpoints every `save_steps` with
-    `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint exactly (a
-    `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the example's index).
+    Trains `model` with `arguments.recipe` on `train_dataset` (a map-style dataset whose items `collate_fn` turns into
+    `MaftModel` inputs with `labels`, class indices into `class_names`). Stage 2 distils from `teacher`, by default
+    a frozen copy of the model's IP-CLIP as given. Runs unchanged under `accelerate launch`. Checkpoints every
+    `save_steps` with `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint
+    exactly (a `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the
+    example's index).
     """
-    output_dir = Path(arguments.output_dir)
+    recipe, output_dir = arguments.recipe, Path(arguments.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
         mixed_precision=arguments.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=arguments.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         log_with=arguments.trackers or None,
         project_dir=str(output_dir),
     )
-    set_seed(arguments.seed)
-    model.config.training_stage = arguments.stage
-    if arguments.stage == "maft":
-        model.apply_mask_aware_finetuning_recipe()
-    else:
-        model.apply_proposal_training_recipe()
-    optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, arguments))
-    scheduler = poly_schedule(optimizer, arguments.max_steps, arguments.poly_power)
+    set_seed(recipe.seed)
+    recipe.apply_to(model)
+    stage_loss = recipe.training_loss(model, processor.image_processor.ignore_index, teacher)
+    class_tokens = processor.tokenize_class_names(list(class_names))
+    optimizer = recipe.optimizer(model)
+    scheduler = recipe.lr_scheduler(optimizer)
     if isinstance(collate_fn, MaftTrainingCollator):  # augmentation seeded per example, so resumption stays exact
         train_dataset = EpochIndexedDataset(train_dataset)
-    loader = DataLoader(train_dataset, batch_size=arguments.per_device_batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
+    loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"The training set ({len(train_dataset)} items) is smaller than one batch ({arguments.per_device_batch_size}).")
+        raise ValueError(f"The training set ({len(train_dataset)} items) is smaller than one batch ({recipe.batch_size}).")
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    with torch.no_grad():  # the text encoder is frozen in both stages: the vocabulary is encoded once
+        text_embeds = accelerator.unwrap_model(model).get_text_embeddings(
+            **{name: tokens.to(accelerator.device) for name, tokens in class_tokens.items()}
+        )
     if arguments.trackers:
-        accelerator.init_trackers("maft", config={key: value for key, value in asdict(arguments).items() if key != "trackers"})
+        accelerator.init_trackers("maft", config={"stage": recipe.stage, **training_settings(arguments)})
 
     step = 0
     if arguments.resume and complete_checkpoints(output_dir):
@@ -180,9 +147,9 @@ def train(
         logger.info("maft: resumed from %s", checkpoint)
     publisher = HubPublisher(arguments.hub_model_id, arguments.hub_upload_retries) if arguments.push_to_hub else None
     batches_per_step = arguments.gradient_accumulation_steps
-    progress = tqdm(total=arguments.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
-    model.train()
-    while step < arguments.max_steps:
+    progress = tqdm(total=recipe.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    recipe.set_training_modes(accelerator.unwrap_model(model))
+    while step < recipe.max_steps:
         epoch, batches_done = divmod(step * batches_per_step, len(loader))
         loader.set_epoch(epoch)
         if isinstance(train_dataset, EpochIndexedDataset):
@@ -190,10 +157,11 @@ def train(
         epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                outputs = model(**batch)
-                accelerator.backward(outputs.loss)
+                losses = stage_loss(model, batch, text_embeds)
+                loss = sum(losses.values())
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), arguments.gradient_clip_norm)
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.gradient_clip_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -201,14 +169,14 @@ def train(
                 continue
             step += 1
             progress.update(1)
-            losses = {name: value.item() for name, value in outputs.loss_dict.items()}
-            progress.set_postfix(loss=f"{outputs.loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            losses = {name: value.item() for name, value in losses.items()}
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % arguments.logging_steps == 0:
-                accelerator.log({"loss": outputs.loss.item(), "learning_rate": scheduler.get_last_lr()[0], **losses}, step=step)
-            if step % arguments.save_steps == 0 or step == arguments.max_steps:
+                accelerator.log({"loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0], **losses}, step=step)
+            if step % arguments.save_steps == 0 or step == recipe.max_steps:
                 card = training_model_card(arguments, step, losses) if accelerator.is_main_process else None
                 save_checkpoint(accelerator, model, processor, output_dir, step, publisher, card)
-            if step >= arguments.max_steps:
+            if step >= recipe.max_steps:
                 break
     progress.close()
     if publisher is not None:
@@ -217,12 +185,35 @@ def train(
     return accelerator.unwrap_model(model)
 
 
-# what says where and how a run goes, not how it trains: left out of a checkpoint card's recipe table
-CARD_OMITTED_ARGUMENTS = {"output_dir", "resume", "push_to_hub", "hub_model_id", "hub_upload_retries", "trackers", "base_model", "dataset_name"}
-STAGE_DESCRIPTIONS = {
-    "proposals": "stage 1: the proposal generator trained with CLIP frozen",
-    "maft": "stage 2: IP-CLIP fine-tuned with MAFT's mask-aware loss and self-distillation, the proposal generator frozen",
-}
+def train_from_pretrained(
+    init_from: str,
+    train_dataset,
+    class_names: Sequence[str],
+    arguments: MaftTrainingArguments,
+    label_ignore_index: int | None = None,
+    augment: bool = True,
+) -> MaftModel:
+    """
+    `train` of the model and processor saved at `init_from` (a folder or Hub id) on `train_dataset` (columns image
+    and label), with the recipe's augmentation unless `augment` is False; the trained model and its processor are
+    saved to `arguments.output_dir` (by the main process only, under `accelerate launch`). `label_ignore_index` is the
+    dataset's label of unlabelled pixels when it is not the processor's.
+    """
+    model, processor = MaftModel.from_pretrained(init_from), MaftProcessor.from_pretrained(init_from)
+    collator = MaftTrainingCollator(processor, augmentation=arguments.recipe.augmentation if augment else None,
+                                    seed=arguments.recipe.seed, label_ignore_index=label_ignore_index)
+    trained = train(model, processor, train_dataset, collator, class_names, arguments)
+    if PartialState().is_main_process:
+        trained.save_pretrained(arguments.output_dir)
+        processor.save_pretrained(arguments.output_dir)
+    return trained
+
+
+def training_settings(arguments: MaftTrainingArguments) -> dict:
+    """The recipe's values and the run's batch settings, as a checkpoint's card and the trackers record them."""
+    recipe = {key: value for key, value in asdict(arguments.recipe).items() if key not in ("stage", "description", "trainable")}
+    return {**recipe, "gradient_accumulation_steps": arguments.gradient_accumulation_steps,
+            "mixed_precision": arguments.mixed_precision}
 
 
 def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dict[str, float]) -> ModelCard:
@@ -230,9 +221,9 @@ def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dic
     from ..model_card import maft_model_card
 
     name = arguments.hub_model_id or Path(arguments.output_dir).name
-    recipe = {key: value for key, value in asdict(arguments).items() if key not in CARD_OMITTED_ARGUMENTS}
+    recipe = training_settings(arguments)
     text = "\n".join([
-        f"MAFT ({STAGE_DESCRIPTIONS[arguments.stage]}), trained with `maft train`: step {step} of {arguments.max_steps}, "
+        f"MAFT ({arguments.recipe.description}), trained with `maft train`: step {step} of {arguments.recipe.max_steps}, "
         f"from `{arguments.base_model or 'unknown'}` on `{arguments.dataset_name or 'unknown'}`.",
         "",
         "## Recipe",
@@ -276,4 +267,4 @@ def save_checkpoint(accelerator: Accelerator, model, processor, output_dir: Path
     accelerator.wait_for_everyone()
 
 
-__all__ = ["MaftTrainingArguments", "complete_checkpoints", "optimizer_parameter_groups", "poly_schedule", "train"]
+__all__ = ["MaftTrainingArguments", "complete_checkpoints", "train", "train_from_pretrained"]

@@ -4,7 +4,7 @@
 import datasets
 import evaluate
 
-from maft.training.evaluation import StreamingConfusionMatrix
+from maft.evaluation.metrics import StreamingConfusionMatrix
 
 
 class MeanIoU(evaluate.Metric):

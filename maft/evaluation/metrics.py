@@ -79,24 +79,6 @@ class StreamingConfusionMatrix:
         return results
 
 
-def evaluate_on_dataset(model, processor, dataset, class_names: Sequence[str], ignore_index: int = 255,
-                        unseen_class_names: Sequence[str] = (), device: str = "cpu") -> dict[str, float]:
-    """Segments every example of `dataset` (columns image and label) into `class_names` at test-time resolution and
-    returns `StreamingConfusionMatrix.compute` over all of them; a progress bar shows the way."""
-    from tqdm.auto import tqdm
-
-    model = model.to(device).eval()
-    matrix = StreamingConfusionMatrix(len(class_names), ignore_index)
-    text_inputs = {key: value.to(device) for key, value in processor.tokenize_class_names(list(class_names)).items()}
-    for example in tqdm(dataset, desc="evaluating", unit="image"):
-        reference = np.array(example["label"])  # a writable copy, for torch
-        inputs = processor(images=example["image"]).to(device)
-        with torch.inference_mode():
-            outputs = model(**inputs, **text_inputs)
-        matrix.update(processor.post_process_semantic_segmentation(outputs, target_sizes=[reference.shape])[0].cpu(), reference)
-    return matrix.compute(list(class_names), list(unseen_class_names))
-
-
 def format_results_table(results: dict[str, float]) -> str:
     """A markdown table of the headline metrics, then per-class IoU."""
     headline = [key for key in ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU") if key in results]
@@ -106,4 +88,4 @@ def format_results_table(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StreamingConfusionMatrix", "evaluate_on_dataset", "format_results_table"]
+__all__ = ["StreamingConfusionMatrix", "format_results_table"]

@@ -1,0 +1,100 @@
+"""Test helpers shared by several test files: a tiny random model and processor, synthetic training data, and the
+benchmark datasets' original folder layouts."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
+from maft.clip_tokenizer import load_clip_tokenizer
+
+
+TEMPLATES = ["a photo of a {}.", "there is a {} in the scene"]
+
+
+def tiny_config(**overrides) -> MaftConfig:
+    values = dict(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=49408, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16, mask_start_layer=2),
+        backbone_config=dict(model_type="maft_deeplab_resnet", depths=[1, 1, 1, 1], stem_out_channels=16,
+                             res2_out_channels=32, width_per_group=8, res5_multi_grid=[2]),
+        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_feedforward_dim=32,
+        context_attention_dim=32, context_attention_heads=4, hidden_dim=32, num_queries=5, decoder_layers=2,
+        decoder_attention_heads=4, decoder_feedforward_dim=32, class_embed_hidden_dim=32, projection_dim=16,
+        deformable_attention_backend="pytorch",
+    )
+    values.update(overrides)
+    return MaftConfig(**values)
+
+
+def tiny_model(**overrides) -> MaftModel:
+    torch.manual_seed(0)
+    return MaftModel(tiny_config(**overrides)).eval()
+
+
+def tiny_processor() -> MaftProcessor:
+    image_processor = MaftImageProcessor(shortest_edge=64, longest_edge=128, clip_image_size=64)
+    return MaftProcessor(image_processor, load_clip_tokenizer(), prompt_templates=TEMPLATES)
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+CLASS_NAMES = ["cat", "dog", "sky"]
+
+
+def synthetic_dataset(size: int = 4) -> list[dict]:
+    examples = []
+    for index in range(size):
+        label = np.full((64, 64), 2, dtype=np.int64)
+        label[16:48, : 32 if index % 2 else 64] = index % 2
+        label[:4] = 255
+        examples.append({"image": random_image(64, 64, seed=index), "label": label})
+    return examples
+
+
+def save_training_inputs(path) -> None:
+    """The synthetic dataset (save_to_disk, image and label columns) in `path/data`, a tiny model in `path/init`."""
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    examples = synthetic_dataset()
+    Dataset.from_dict(
+        {"image": [example["image"] for example in examples],
+         "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
+        features=Features({"image": ImageFeature(), "label": ImageFeature()}),
+    ).save_to_disk(path / "data")
+    tiny_model().save_pretrained(path / "init")
+    tiny_processor().save_pretrained(path / "init")
+
+
+# The val split of each benchmark as the original's prepare scripts leave it: image folder, label folder, label suffix.
+ORIGINAL_VAL_LAYOUT = {
+    "coco_stuff_171": ("coco/val2017", "coco/stuffthingmaps_detectron2/val2017", ".png"),
+    "ade20k_150": ("ade/ADEChallengeData2016/images/validation",
+                   "ade/ADEChallengeData2016/annotations_detectron2/validation", ".png"),
+    "ade20k_847": ("ade/ADE20K_2021_17_01/images_detectron2/validation",
+                   "ade/ADE20K_2021_17_01/annotations_detectron2/validation", ".tif"),
+    "pascal_context_59": ("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/annotations_detectron2_ovs/pc59_val", ".png"),
+    "pascal_context_459": ("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/annotations_detectron2_ovs/pc459_val",
+                           ".tif"),
+    "pascal_voc_20": ("VOCdevkit/VOC2012/JPEGImages", "VOCdevkit/VOC2012/annotations_ovs/val", ".png"),
+}
+
+
+def write_split(root, image_dir, label_dir, label_suffix, num_classes, ignore_index, stems=("a_001", "b_002"),
+                unlabelled=("c_003",)):
+    """Images (JPEG) and label maps (8-bit PNG or 16-bit TIFF) for `stems`, plus images without a label map."""
+    (root / image_dir).mkdir(parents=True, exist_ok=True)
+    (root / label_dir).mkdir(parents=True, exist_ok=True)
+    for stem in (*stems, *unlabelled):
+        Image.fromarray(np.full((6, 8, 3), 90, dtype=np.uint8)).save(root / image_dir / f"{stem}.jpg")
+    dtype = np.uint16 if label_suffix == ".tif" else np.uint8
+    for stem in stems:
+        label = np.zeros((6, 8), dtype=dtype)
+        label[:, :4] = num_classes - 1  # the last class
+        label[0, :] = ignore_index
+        Image.fromarray(label).save(root / label_dir / f"{stem}{label_suffix}")
