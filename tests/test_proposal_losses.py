@@ -143,3 +143,65 @@ def test_stage_one_overfits_and_trains_only_the_proposal_generator(tmp_path):
     changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and all(name.startswith(("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")) for name in changed)
     assert not any("running_" in name for name in changed)  # frozen batch norm
+
+
+def original_stage_one_losses(class_logits, mask_logits, labels, ignore_index=255):
+    """An independent, pair-by-pair transcription of the original's `SetCriterion` (no point sampling) for one
+    prediction: per image, classes present and their masks; the matcher's cost entry by entry at the prediction's
+    resolution; cross-entropy with the no-object weight; focal and dice at the labels' resolution."""
+    from scipy.optimize import linear_sum_assignment
+
+    num_classes = class_logits.shape[-1] - 1
+    matched, num_masks, ce_numerator, ce_denominator = [], 0, 0.0, 0.0
+    for image in range(labels.shape[0]):
+        classes = [int(c) for c in labels[image].unique() if c != ignore_index]
+        masks = [(labels[image] == c).double() for c in classes]
+        small = [F.interpolate(m[None, None], size=mask_logits.shape[-2:], mode="nearest")[0, 0] for m in masks]
+        probabilities = class_logits[image].double().softmax(-1)
+        cost = torch.zeros(class_logits.shape[1], len(classes), dtype=torch.float64)
+        for query in range(class_logits.shape[1]):
+            p = mask_logits[image, query].double().sigmoid()
+            for target, (c, m) in enumerate(zip(classes, small)):
+                focal = torch.where(m > 0, -0.25 * (1 - p) ** 2 * torch.log(p), -0.75 * p**2 * torch.log(1 - p)).mean()
+                dice = 1 - (2 * (p * m).sum() + 1) / (p.sum() + m.sum() + 1)
+                cost[query, target] = -probabilities[query, c] + 20 * focal + 5 * dice
+        queries, targets = linear_sum_assignment(cost.numpy())
+        assigned = dict(zip(queries.tolist(), targets.tolist()))
+        for query in range(class_logits.shape[1]):
+            target_class = classes[assigned[query]] if query in assigned else num_classes
+            weight = 1.0 if query in assigned else 0.1
+            ce_numerator += -weight * torch.log_softmax(class_logits[image, query].double(), -1)[target_class]
+            ce_denominator += weight
+        matched += [(mask_logits[image, query], masks[target]) for query, target in assigned.items()]
+        num_masks += len(classes)
+    focal_sum, dice_sum = 0.0, 0.0
+    for logits, mask in matched:
+        logits = F.interpolate(logits[None, None].double(), size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+        p = logits.sigmoid()
+        focal_sum += torch.where(mask > 0, -0.25 * (1 - p) ** 2 * F.logsigmoid(logits), -0.75 * p**2 * F.logsigmoid(-logits)).mean()
+        dice_sum += 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
+    num_masks = max(num_masks, 1)
+    return {"class_loss": ce_numerator / ce_denominator, "mask_loss": 20 * focal_sum / num_masks, "dice_loss": 5 * dice_sum / num_masks}
+
+
+def test_a_held_out_case_equals_an_independent_transcription_of_the_original():
+    """The golden inference image, padded with a second, smaller image, and label maps drawn here."""
+    tensors = golden_tensors()
+    image = tensors["infer_image"].numpy()
+    height, width = image.shape[1:]
+    first = torch.full((height, width), 255, dtype=torch.long)
+    first[: height // 2], first[height // 2 :, : width // 3] = 3, 0
+    first[height // 3 : height // 2 + 20, width // 2 :] = 5
+    second = torch.full((height - 40, width - 64), 1, dtype=torch.long)
+    second[:, :50] = 255
+    inputs = golden_image_processor()([image, image[:, : height - 40, : width - 64]], segmentation_maps=[first.numpy(), second.numpy()])
+    with torch.no_grad():
+        outputs = golden_model()(inputs["pixel_values"], inputs["clip_pixel_values"], text_embeds=tensors["infer_text_features"][:-1])
+        losses = MaftProposalLoss()(outputs.proposal_class_logits, outputs.masks_queries_logits, inputs["labels"], outputs.auxiliary_logits)
+    predictions = [(outputs.proposal_class_logits, outputs.masks_queries_logits, "")] + [
+        (p["class_queries_logits"], p["masks_queries_logits"], f"_{i}") for i, p in enumerate(outputs.auxiliary_logits[:-1])
+    ]
+    for class_logits, mask_logits, suffix in predictions:
+        expected = original_stage_one_losses(class_logits, mask_logits, inputs["labels"])
+        for name, value in expected.items():
+            assert losses[name + suffix].item() == pytest.approx(value.item(), rel=1e-4), name + suffix
