@@ -460,9 +460,13 @@ class MaftPixelDecoder(nn.Module):
         return torch.cat(points)[None, :, None].expand(-1, -1, len(spatial_shapes), -1)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """features res2..res5 -> (mask_features, [res5-, res4-, res3-level maps]); half precision runs as float32."""
+        """features res2..res5 -> (mask_features, [res5-, res4-, res3-level maps]), in the features' dtype. The decoder
+        runs in its weights' dtype without autocast: float32 when loaded with a half `dtype` (`_keep_in_fp32_modules_strict`),
+        as the original runs it."""
+        input_dtype, dtype = features[0].dtype, self.mask_features.weight.dtype
         with torch.autocast(features[0].device.type, enabled=False):
-            return self._decode([feature.float() if feature.dtype in (torch.float16, torch.bfloat16) else feature for feature in features])
+            mask_features, multi_scale_features = self._decode([feature.to(dtype) for feature in features])
+        return mask_features.to(input_dtype), [feature.to(input_dtype) for feature in multi_scale_features]
 
     def _decode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         projected = [projection(feature) for projection, feature in zip(self.input_projections, features[:0:-1])]
@@ -472,12 +476,12 @@ class MaftPixelDecoder(nn.Module):
         hidden_states = torch.cat([feature.flatten(2).transpose(1, 2) for feature in projected], dim=1)
         position_embeddings = torch.cat(
             [
-                sine_position_embedding(feature).flatten(2).transpose(1, 2) + self.level_embed[level]
+                sine_position_embedding(feature).to(feature.dtype).flatten(2).transpose(1, 2) + self.level_embed[level]
                 for level, feature in enumerate(projected)
             ],
             dim=1,
         )
-        reference_points = self.reference_points(spatial_shapes, hidden_states.device)
+        reference_points = self.reference_points(spatial_shapes, hidden_states.device).to(hidden_states.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, reference_points, shapes_tensor, level_start_index)
 
@@ -673,6 +677,7 @@ class MaftPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _no_split_modules = ["CLIPEncoderLayer", "MaftDecoderLayer", "MaftPixelDecoderLayer"]
+    _keep_in_fp32_modules_strict = ["pixel_decoder"]  # the original runs multi-scale deformable attention in float32
 
     _keys_to_ignore_on_load_unexpected = [r"^distillation_teacher\."]  # checkpoints of maft 0.1.0.dev0 held the teacher
 
@@ -830,7 +835,7 @@ class MaftModel(MaftPreTrainedModel):
         initial prediction and each decoder layer, `masks_queries_logits` (B, Q, H/4, W/4), `class_embeds` (B, Q, D) and
         in-vocabulary `class_queries_logits` (B, Q, C + 1). The last entry is the final prediction.
         """
-        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(pixel_values))
+        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(pixel_values.to(self.no_object_embedding.dtype)))
         context = torch.cat([text_embeds, self.no_object_embedding.expand(text_embeds.shape[0], -1, -1)], dim=1)
         *multi_scale_features, mask_features = self.context_interaction([*multi_scale_features, mask_features], context)
         return [
@@ -915,7 +920,7 @@ class MaftModel(MaftPreTrainedModel):
                 f"The class embeddings must be (num_classes, dim) or ({batch_size}, num_classes, dim) with at least one class, "
                 f"got {tuple(text_embeds.shape)}."
             )
-        return text_embeds
+        return text_embeds.to(self.no_object_embedding.dtype)
 
     def _ensemble(self, proposal_class_logits, clip_class_logits, proposal_masks, pixel_mask, seen_classes) -> torch.Tensor:
         """

@@ -70,3 +70,19 @@ def test_maft_segment_uses_the_bundled_model_by_default(bundled, tmp_path):
     overlay = Image.open(tmp_path / "scene-0_overlay.png")
     assert overlay.height >= 96 and overlay.width > 96
     assert set(np.unique(np.asarray(Image.open(tmp_path / "scene-0_labels.png")))) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_agrees_with_float32_on_the_bundled_scenes(bundled, dtype):
+    """Loaded with `dtype` (the pixel decoder stays float32) or converted whole with `.to(dtype)`: the label maps agree
+    with float32's on at least 97% of the pixels."""
+    model, processor, examples, classes = bundled
+    path = default_model_path()
+    loaded = MaftModel.from_pretrained(path, dtype=dtype).eval()
+    assert loaded.decoder.class_embed.layers[0].weight.dtype == dtype and loaded.pixel_decoder.mask_features.weight.dtype == torch.float32
+    converted = MaftModel.from_pretrained(path).to(dtype).eval()
+    images = [Image.open(examples / f"scene-{index}.png") for index in range(8)]
+    expected = np.stack([segment(model, processor, image, classes["class_names"]) for image in images])
+    for half in (loaded, converted):
+        labels = np.stack([segment(half, processor, image, classes["class_names"]) for image in images])
+        assert (labels == expected).mean() >= 0.97
