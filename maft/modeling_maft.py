@@ -11,8 +11,10 @@ from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings, eager_attention_forward
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 from transformers.utils.generic import can_return_tuple
 
@@ -87,30 +89,63 @@ def _merge_heads(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).reshape(batch_size, num_tokens, num_heads * head_dim)
 
 
-def proposal_attention(
-    proposal_queries: torch.Tensor,
-    proposal_keys: torch.Tensor,
-    proposal_values: torch.Tensor,
-    patch_keys: torch.Tensor,
-    patch_values: torch.Tensor,
-    patch_keep: torch.Tensor,
-    scale: float,
-    dropout: float = 0.0,
-) -> torch.Tensor:
+def proposal_attention_mask(patch_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
-    Attention of each proposal token to itself and to the patches inside its mask (IP-CLIP, DESIGN.md §3).
+    The additive attention mask of IP-CLIP's proposal tokens over the keys [patches; proposals]: a proposal attends to
+    the patches its mask keeps and to itself, nothing else (DESIGN.md §3). `patch_keep` (B, Q, L) boolean ->
+    (B, 1, Q, L + Q). A proposal always sees itself, so no row is fully masked.
+    """
+    batch_size, num_proposals, _ = patch_keep.shape
+    itself = torch.eye(num_proposals, dtype=torch.bool, device=patch_keep.device).expand(batch_size, -1, -1)
+    allowed = torch.cat([patch_keep, itself], dim=-1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
-    Queries, keys and values are `(batch, heads, tokens, head_dim)`; `patch_keep` is `(batch, proposals, patches)`
-    boolean. This costs `proposals * (patches + 1)` scores, where a dense mask over all tokens would cost
-    `(proposals + patches) ** 2`. A proposal always sees itself, so no row is fully masked.
+
+class MaftClipEncoderLayer(CLIPEncoderLayer):
     """
-    patch_scores = torch.matmul(proposal_queries, patch_keys.transpose(-1, -2)) * scale
-    patch_scores = patch_scores.masked_fill(~patch_keep[:, None], float("-inf"))
-    self_scores = (proposal_queries * proposal_keys).sum(dim=-1, keepdim=True) * scale
-    softmax_dtype = torch.promote_types(proposal_queries.dtype, torch.float32)
-    weights = torch.cat([self_scores, patch_scores], dim=-1).softmax(dim=-1, dtype=softmax_dtype)
-    weights = F.dropout(weights.to(proposal_queries.dtype), p=dropout)
-    return weights[..., :1] * proposal_values + torch.matmul(weights[..., 1:], patch_values)
+    CLIP's encoder layer (same weights), which also runs as a proposal layer of IP-CLIP when given the proposals'
+    attention mask: over `hidden_states` = [patches; proposals], patches attend to all patches (unmasked, as CLIP) and
+    proposals to themselves and the patches of their mask, sharing one projection of all tokens. Both attentions go
+    through transformers' attention interface (`config._attn_implementation`), and the layer is checkpointed as CLIP's
+    under gradient checkpointing. In the last layer only the proposals are updated and returned: nothing reads the
+    patches after it.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        proposal_attention_mask: torch.Tensor | None = None,
+        is_last_layer: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        if proposal_attention_mask is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        attention = self.self_attn
+        num_proposals = proposal_attention_mask.shape[2]
+        num_patches = hidden_states.shape[1] - num_proposals
+        first_query = num_patches if is_last_layer else 0
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+        dropout = attention.dropout if self.training else 0.0
+
+        normed = self.layer_norm1(hidden_states)
+        queries = _split_heads(attention.q_proj(normed[:, first_query:]), attention.num_heads)
+        keys = _split_heads(attention.k_proj(normed), attention.num_heads)
+        values = _split_heads(attention.v_proj(normed), attention.num_heads)
+        proposal_queries = queries[:, :, num_patches - first_query :]
+        if num_proposals:
+            proposal_output, _ = attend(attention, proposal_queries, keys, values, proposal_attention_mask,
+                                        scaling=attention.scale, dropout=dropout)
+        else:  # attention implementations reject empty queries
+            proposal_output = proposal_queries.transpose(1, 2)
+        attention_output = proposal_output
+        if not is_last_layer:
+            patch_keys, patch_values = keys[:, :, :num_patches], values[:, :, :num_patches]
+            patch_output, _ = attend(attention, queries[:, :, :num_patches], patch_keys, patch_values, None,
+                                     scaling=attention.scale, dropout=dropout)
+            attention_output = torch.cat([patch_output, proposal_output], dim=1)
+        hidden_states = hidden_states[:, first_query:] + attention.out_proj(attention_output.flatten(2))
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 class MaftClipVisionModel(CLIPVisionModel):
@@ -126,11 +161,13 @@ class MaftClipVisionModel(CLIPVisionModel):
 
     config_class = MaftClipVisionConfig
     config: MaftClipVisionConfig
+    _supports_flash_attn = False  # the proposal layers need an arbitrary attention mask
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
 
     def __init__(self, config: MaftClipVisionConfig):
         super().__init__(config)
         self.embeddings = MaftClipVisionEmbeddings(config)
+        self.encoder.layers = nn.ModuleList(MaftClipEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
@@ -185,12 +222,11 @@ class MaftClipVisionModel(CLIPVisionModel):
 
         grid_size = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
         patch_keep = self.mask_proposals_to_patch_mask(mask_proposals, grid_size)
+        attention_mask = proposal_attention_mask(patch_keep, hidden_states.dtype)
         # The class token becomes the proposal tokens: from here on, patches see only patches.
-        num_patches = hidden_states.shape[1] - 1
         tokens = torch.cat([hidden_states[:, 1:], hidden_states[:, :1].expand(-1, patch_keep.shape[1], -1)], dim=1)
         for layer_index in range(self.config.mask_start_layer, len(layers)):
-            is_last_layer = layer_index == len(layers) - 1
-            tokens = self._proposal_layer_forward(layers[layer_index], tokens, num_patches, patch_keep, is_last_layer)
+            tokens = layers[layer_index](tokens, None, attention_mask, layer_index == len(layers) - 1)
 
         # The last layer returned the proposal tokens only.
         pooled_output = self.post_layernorm(tokens)
@@ -208,42 +244,6 @@ class MaftClipVisionModel(CLIPVisionModel):
         masks = mask_proposals if mask_proposals.dtype == torch.float64 else mask_proposals.float()
         masks = F.interpolate(masks, size=grid_size, mode="bilinear", align_corners=False)
         return (masks >= self.config.mask_threshold).flatten(2)
-
-    def _proposal_layer_forward(
-        self, layer: CLIPEncoderLayer, tokens: torch.Tensor, num_patches: int, patch_keep: torch.Tensor, is_last_layer: bool
-    ) -> torch.Tensor:
-        """
-        One CLIP encoder layer over `tokens` = [patches; proposals]: patches attend to all patches (unmasked, as CLIP),
-        proposals to themselves and the patches of their mask, sharing one projection of all tokens. In the last layer
-        only the proposals are updated and returned (nothing reads the patches after it).
-        """
-        attention = layer.self_attn
-        dropout = attention.dropout if self.training else 0.0
-        first_query = num_patches if is_last_layer else 0
-
-        normed = layer.layer_norm1(tokens)
-        queries = _split_heads(attention.q_proj(normed[:, first_query:]), attention.num_heads)
-        keys = _split_heads(attention.k_proj(normed), attention.num_heads)
-        values = _split_heads(attention.v_proj(normed), attention.num_heads)
-        patch_keys, patch_values = keys[:, :, :num_patches], values[:, :, :num_patches]
-        attention_output = proposal_attention(
-            queries[:, :, num_patches - first_query :],
-            keys[:, :, num_patches:],
-            values[:, :, num_patches:],
-            patch_keys,
-            patch_values,
-            patch_keep,
-            attention.scale,
-            dropout,
-        )
-        if not is_last_layer:
-            patch_output = F.scaled_dot_product_attention(
-                queries[:, :, :num_patches], patch_keys, patch_values, dropout_p=dropout, scale=attention.scale
-            )
-            attention_output = torch.cat([patch_output, attention_output], dim=2)
-
-        tokens = tokens[:, first_query:] + attention.out_proj(_merge_heads(attention_output))
-        return tokens + layer.mlp(layer.layer_norm2(tokens))
 
     def _check_inputs(self, pixel_values: torch.Tensor, mask_proposals: torch.Tensor | None) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
@@ -404,7 +404,7 @@ def sine_position_embedding(feature_map: torch.Tensor) -> torch.Tensor:
     )
 
 
-class MaftPixelDecoderLayer(nn.Module):
+class MaftPixelDecoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over the multi-scale features, then a feed-forward network (post-norm)."""
 
     def __init__(self, config: MaftConfig):
@@ -549,7 +549,7 @@ class MaftMLP(nn.Module):
         return hidden_states
 
 
-class MaftDecoderLayer(nn.Module):
+class MaftDecoderLayer(GradientCheckpointingLayer):
     """Masked cross-attention to one feature level, self-attention among queries, feed-forward (each post-norm)."""
 
     def __init__(self, config: MaftConfig):
@@ -678,6 +678,8 @@ class MaftPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["CLIPEncoderLayer", "MaftDecoderLayer", "MaftPixelDecoderLayer"]
     _keep_in_fp32_modules_strict = ["pixel_decoder"]  # the original runs multi-scale deformable attention in float32
+    supports_gradient_checkpointing = True  # every decoder, pixel-decoder and CLIP layer
+    _supports_sdpa = True  # CLIP's attention and IP-CLIP's proposal attention go through the attention interface
 
     _keys_to_ignore_on_load_unexpected = [r"^distillation_teacher\."]  # checkpoints of maft 0.1.0.dev0 held the teacher
 
@@ -963,6 +965,6 @@ __all__ = [
     "MaftModel",
     "MaftModelOutput",
     "MaftPreTrainedModel",
-    "proposal_attention",
+    "proposal_attention_mask",
     "proposal_masks_from_logits",
 ]

@@ -282,3 +282,17 @@ def test_any_transformers_backbone_can_replace_the_deeplab_resnet(tmp_path):
     assert MaftModel.from_pretrained(tmp_path).config.backbone_config.model_type == "resnet"
     with pytest.raises(ValueError, match="four feature maps"):
         tiny_model(backbone_config={**resnet, "out_features": ["stage3", "stage4"]})
+
+
+def test_eager_and_sdpa_attention_give_the_same_segmentation(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    processor = tiny_processor()
+    inputs = processor(images=[random_image(64, 48), random_image(40, 64, seed=1)], text=["cat", "dog", "sky"])
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model = MaftModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert model.ip_clip.config._attn_implementation == implementation
+        with torch.no_grad():
+            outputs[implementation] = model(**inputs)
+    torch.testing.assert_close(outputs["eager"].proposal_embeds, outputs["sdpa"].proposal_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["eager"].class_queries_logits, outputs["sdpa"].class_queries_logits, rtol=1e-4, atol=1e-4)

@@ -252,3 +252,34 @@ def test_accelerate_launch_with_two_processes(tmp_path, stage):
     changed = {name for name, tensor in after.items() if not torch.equal(tensor, before[name])}
     trained = ("ip_clip.",) if stage == "maft" else ("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")
     assert changed and all(name.startswith(trained) for name in changed)
+
+
+@pytest.mark.parametrize("recipe", [PROPOSAL_GENERATOR_RECIPE, MASK_AWARE_FINE_TUNING_RECIPE], ids=lambda recipe: recipe.stage)
+def test_activation_checkpointing_gives_the_same_gradients_and_saves_less_for_backward(recipe):
+    processor = tiny_processor()
+    batch = MaftTrainingCollator(processor)(synthetic_dataset(2))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(encoder_dropout=0.0, context_dropout=0.0)
+        recipe.apply_to(model)
+        stage_loss = recipe.training_loss(model)
+        with torch.no_grad():
+            text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        recipe.set_training_modes(model)
+        saved_bytes = []
+
+        def pack(tensor):
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = sum(stage_loss(model, batch, text_embeds).values())
+        loss.backward()
+        results.append(({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, sum(saved_bytes)))
+    (plain, plain_bytes), (checkpointed, checkpointed_bytes) = results
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    assert checkpointed_bytes < 0.9 * plain_bytes
