@@ -16,6 +16,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings, eager_attention_forward
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
@@ -269,7 +270,8 @@ class MaftClipVisionModel(CLIPVisionModel):
             )
         if mask_proposals.shape[-2] == 0 or mask_proposals.shape[-1] == 0:
             raise ValueError(f"`mask_proposals` must have a non-empty spatial size, got {tuple(mask_proposals.shape)}.")
-        if mask_proposals.is_floating_point() and not torch.isfinite(mask_proposals).all():
+        # a value check waits for the data: done in eager mode only, so that a compiled model has no graph break
+        if not is_torchdynamo_compiling() and mask_proposals.is_floating_point() and not torch.isfinite(mask_proposals).all():
             raise ValueError("`mask_proposals` contains NaN or infinite values.")
 
 
@@ -599,7 +601,7 @@ class MaftMaskedAttentionDecoder(nn.Module):
         blocked = F.interpolate(mask_logits, size=attention_size, mode="bilinear", align_corners=False).sigmoid() < 0.5
         blocked = blocked.flatten(2).repeat_interleave(self.num_heads, dim=0)
         # A query that would see nothing sees everything instead.
-        blocked[blocked.all(dim=-1)] = False
+        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
         return class_embeds, mask_logits, blocked.detach()
 
     def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor):
@@ -883,6 +885,11 @@ class MaftModel(MaftPreTrainedModel):
                 f"`pixel_values` {tuple(pixel_values.shape)} and `clip_pixel_values` {tuple(clip_pixel_values.shape)} must both "
                 "be (batch_size, 3, height, width) with the same batch size."
             )
+        if not is_torchdynamo_compiling():
+            for name, images in (("pixel_values", pixel_values), ("clip_pixel_values", clip_pixel_values)):
+                if not torch.isfinite(images).all():
+                    bad = sorted({int(index) for index in (~torch.isfinite(images)).flatten(1).any(1).nonzero()})
+                    raise ValueError(f"`{name}` of image(s) {bad} holds NaN or infinite values: check the input images.")
         text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
         predictions = self.propose(pixel_values, text_embeds)
         final = predictions[-1]

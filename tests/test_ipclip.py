@@ -242,3 +242,11 @@ def test_config_validation():
         MaftClipVisionConfig(num_hidden_layers=4, mask_start_layer=4)
     with pytest.raises(StrictDataclassClassValidationError, match="mask_threshold"):
         MaftClipVisionConfig(mask_threshold=0.0)
+
+
+def test_ip_clip_with_masks_compiles_without_graph_breaks():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 32, 32), mask_proposals=torch.rand(1, 4, 16, 16))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]

@@ -296,3 +296,11 @@ def test_eager_and_sdpa_attention_give_the_same_segmentation(tmp_path):
             outputs[implementation] = model(**inputs)
     torch.testing.assert_close(outputs["eager"].proposal_embeds, outputs["sdpa"].proposal_embeds, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outputs["eager"].class_queries_logits, outputs["sdpa"].class_queries_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_pixel_values_name_the_image():
+    model, processor = tiny_model(), tiny_processor()
+    inputs = processor(images=[random_image(64, 64), random_image(64, 64, seed=1)], text=["cat", "dog"])
+    inputs["pixel_values"][1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"`pixel_values` of image\(s\) \[1\] holds NaN or infinite values"):
+        model(**inputs)
