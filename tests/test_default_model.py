@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from maft import MaftModel, MaftProcessor
-from maft.cli import default_model_path, main
+from maft.cli import main
+from maft.model_loading import default_model_path
 from maft.training.evaluation import StreamingConfusionMatrix
 
 
