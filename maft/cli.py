@@ -13,7 +13,7 @@ def parse_labels(text: str) -> list[str]:
     """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
     labels = [label.strip() for label in text.split(",")]
     if not all(labels):
-        raise argparse.ArgumentTypeError(f"--labels must be a comma-separated list of non-empty class names, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of non-empty class names, got {text!r}")
     return labels
 
 
@@ -159,6 +159,7 @@ def evaluate_after_training(model, processor, arguments: argparse.Namespace, cla
 
 
 def write_json(path: Path, content: dict) -> None:
+    """`content` as indented JSON in `path`, written atomically."""
     from maft.output_files import write_files_atomically
 
     write_files_atomically({path: lambda temporary: temporary.write_text(json.dumps(content, indent=2))})
@@ -238,12 +239,19 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
     parser.add_argument("--label-column", default="label")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported in one line (exit code 2) as every other failure is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help shows the usage)\n")
+
+
 DEVICE_HELP = "any torch device: cpu, cuda, cuda:1, mps, xpu... (default: cuda if available, else cpu)"
 DEBUG_HELP = "on failure, show the traceback instead of one line"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
+    parser = OneLineArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # --debug is accepted after the command too; SUPPRESS keeps the subcommand from resetting a --debug given before it
     common = argparse.ArgumentParser(add_help=False)

@@ -5,9 +5,16 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .hub import hub_is_offline, is_hub_id
 
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling_maft import MaftModel
+    from .processing_maft import MaftProcessor
 
 BUNDLED_MODEL = "pretrained/maft-mini"
 
@@ -80,7 +87,9 @@ def check_hub_model(repo_id: str) -> None:
     check_is_maft_config(config, repo_id)
 
 
-def load_model_and_processor(name_or_path: str | os.PathLike | None = None, device: str | None = None):
+def load_model_and_processor(
+    name_or_path: str | os.PathLike | None = None, device: "str | torch.device | None" = None
+) -> "tuple[MaftModel, MaftProcessor]":
     """(MaftModel in eval mode on `device`, MaftProcessor) from a folder, a Hub id, or (None) the bundled model; the
     model is checked first (see `check_model_folder`), so a wrong one fails with an error that names the problem."""
     from . import MaftModel, MaftProcessor  # through the package: registers the Auto classes the processor loads with
@@ -96,7 +105,7 @@ def load_model_and_processor(name_or_path: str | os.PathLike | None = None, devi
     return model, processor
 
 
-def resolve_device(name: str | None = None):
+def resolve_device(name: "str | torch.device | None" = None) -> "torch.device":
     """The `torch.device` for a device string (any torch accepts: 'cpu', 'cuda', 'cuda:1', 'mps', 'xpu'...), checked to
     be usable here; None: CUDA if available, else the CPU."""
     import torch

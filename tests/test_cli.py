@@ -62,7 +62,10 @@ def test_segment_writes_overlay_label_map_and_fractions_and_reports_bad_images(t
 def test_segment_rejects_empty_labels(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "x.png", "--labels", "cat,,dog"])
-    assert "comma-separated list of non-empty class names" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "maft segment: argument --labels: must be a comma-separated list of non-empty class names, got 'cat,,dog' "
+        "(--help shows the usage)\n"
+    )
 
 
 def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):

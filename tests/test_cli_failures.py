@@ -93,6 +93,7 @@ SEGMENT = ("segment", "image.png", "--labels", "cat, dog")
 
 FAILURES = {
     "output is a file": ((*SEGMENT, "--model", "model", "--output", "a_file"), "a_file is a file"),
+    "repeated class name": (("segment", "image.png", "--labels", "cat, sofa, cat", "--model", "model"), "repeated: ['cat']"),
     "missing model folder": ((*SEGMENT, "--model", "./no_such_model"), "the model folder no_such_model does not exist"),
     "corrupt config.json": ((*SEGMENT, "--model", "corrupt_config"), "corrupt_config/config.json is corrupt"),
     "truncated weights": ((*SEGMENT, "--model", "truncated_weights"), "truncated_weights/model.safetensors is corrupt"),
