@@ -118,9 +118,11 @@ def train_command(arguments: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from maft import MaftModel, MaftProcessor
+    from maft.model_loading import check_model
     from maft.training import MaftTrainingArguments, MaftTrainingCollator, train
     from maft.training.augmentation import AugmentationConfig
 
+    check_model(arguments.init_from)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.train_dataset, default_split="train")
     recipe = {
         key: getattr(arguments, key)

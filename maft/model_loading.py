@@ -87,6 +87,14 @@ def check_hub_model(repo_id: str) -> None:
     check_is_maft_config(config, repo_id)
 
 
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """Raises an error naming the problem when `name_or_path` (a folder, else a Hub id) is not a loadable MAFT model."""
+    if Path(name_or_path).exists() or not is_hub_id(name_or_path):
+        check_model_folder(name_or_path)
+    else:
+        check_hub_model(str(name_or_path))
+
+
 def load_model_and_processor(
     name_or_path: str | os.PathLike | None = None, device: "str | torch.device | None" = None
 ) -> "tuple[MaftModel, MaftProcessor]":
@@ -96,10 +104,7 @@ def load_model_and_processor(
 
     torch_device = resolve_device(device)
     location = default_model_path() if name_or_path is None else name_or_path
-    if Path(location).exists() or not is_hub_id(location):
-        check_model_folder(location)
-    else:
-        check_hub_model(str(location))
+    check_model(location)
     processor = MaftProcessor.from_pretrained(location)
     model = MaftModel.from_pretrained(location).to(torch_device).eval()
     return model, processor

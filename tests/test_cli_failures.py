@@ -110,6 +110,9 @@ FAILURES = {
         "malformed.yaml is not valid YAML", "line 3",
     ),
     "convert output-dir is a file": (("convert", "--checkpoint", "empty.pth", "--output-dir", "a_file"), "a_file is a file"),
+    "train from a CLIP folder": (
+        ("train", "--train-dataset", "x", "--init-from", "clip", "--output-dir", "run"), "holds a 'clip' model",
+    ),
     "train output-dir is a file": (
         ("train", "--train-dataset", "x", "--init-from", "model", "--output-dir", "a_file/run"), "a_file is a file",
     ),
