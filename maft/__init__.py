@@ -1,29 +1,59 @@
-"""MAFT: Mask-aware Fine-Tuning of CLIP for open-vocabulary semantic segmentation, with the transformers API."""
+"""MAFT: Mask-aware Fine-Tuning of CLIP for open-vocabulary semantic segmentation, with the transformers API.
 
-from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+The package imports its classes (and transformers) on first use, so that `maft --help` starts at once; the first use
+of any of them also registers MAFT with transformers' Auto classes."""
 
-from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
-from .convert_original_checkpoint import convert_original_checkpoint
-from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
-from .processing_maft import MaftImageProcessor, MaftProcessor
+import importlib
+from typing import TYPE_CHECKING
 
-
-AutoModel.register(MaftConfig, MaftModel)
-AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel)
-AutoImageProcessor.register(MaftConfig, MaftImageProcessor)
-AutoProcessor.register(MaftConfig, MaftProcessor)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "MaftClipVisionConfig",
-    "MaftClipVisionModel",
-    "MaftClipVisionModelOutput",
-    "MaftConfig",
-    "MaftDeepLabResNetConfig",
-    "MaftImageProcessor",
-    "MaftModel",
-    "MaftModelOutput",
-    "MaftProcessor",
-    "convert_original_checkpoint",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "MaftClipVisionConfig": "configuration_maft",
+    "MaftConfig": "configuration_maft",
+    "MaftDeepLabResNetConfig": "configuration_maft",
+    "MaftClipVisionModel": "modeling_maft",
+    "MaftClipVisionModelOutput": "modeling_maft",
+    "MaftModel": "modeling_maft",
+    "MaftModelOutput": "modeling_maft",
+    "MaftImageProcessor": "processing_maft",
+    "MaftProcessor": "processing_maft",
+    "convert_original_checkpoint": "convert_original_checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
+    from .convert_original_checkpoint import convert_original_checkpoint
+    from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
+    from .processing_maft import MaftImageProcessor, MaftProcessor
+
+
+def _register_auto_classes() -> None:
+    """AutoModel, AutoImageProcessor and AutoProcessor load MAFT folders (AutoConfig: see configuration_maft)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+
+    from .configuration_maft import MaftClipVisionConfig, MaftConfig
+    from .modeling_maft import MaftClipVisionModel, MaftModel
+    from .processing_maft import MaftImageProcessor, MaftProcessor
+
+    AutoModel.register(MaftConfig, MaftModel, exist_ok=True)
+    AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel, exist_ok=True)
+    AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
+    AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _register_auto_classes()
+    for exported, module in _EXPORTS.items():  # cache them all: later lookups no longer come here
+        globals()[exported] = getattr(importlib.import_module(f".{module}", __name__), exported)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

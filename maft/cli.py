@@ -1,71 +1,69 @@
-"""The `maft` command line."""
+"""The `maft` command line: parses arguments, calls the library and prints. Any failure ends in one line naming the
+problem (`maft <command>: ...`) and exit code 1; `--debug` shows the traceback instead. Nothing heavy (torch,
+transformers, the model) is imported until a command runs, so `maft --help` answers at once."""
 
 import argparse
 import json
 import sys
-from importlib import resources
+import traceback
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
-
-
-DEFAULT_MODEL = "pretrained/maft-mini"
-
-
-def default_model_path() -> Path:
-    """The model bundled with the package, used when no `--model` is given."""
-    path = Path(str(resources.files("maft").joinpath(DEFAULT_MODEL)))
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"maft: this installation has no bundled default model at {path}; pass --model DIR_OR_HUB_ID")
-    return path
 
 
 def parse_labels(text: str) -> list[str]:
     """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
     labels = [label.strip() for label in text.split(",")]
     if not all(labels):
-        raise argparse.ArgumentTypeError(f"--labels must be a comma-separated list of non-empty class names, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of non-empty class names, got {text!r}")
     return labels
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (its lines joined by '; '); the error's kind if it has no message."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def failure_message(error: BaseException) -> str:
+    """What the user is told about a failure: the message, and for errors that are not about the user's input or files
+    (not ValueError or OSError, e.g. a RuntimeError inside torch) also their kind and a pointer to --debug."""
+    if isinstance(error, (ValueError, OSError)):
+        return one_line(error)
+    return f"{type(error).__name__}: {one_line(error)} (--debug shows the traceback)"
+
+
 def segment(arguments: argparse.Namespace) -> int:
-    """Segments each image into the given classes and writes an overlay, the label map and class fractions."""
-    from PIL import Image
+    """Segments each image into the given classes and writes an overlay, the label map and class fractions; an image
+    that fails is reported and skipped, and the exit code is then 1."""
+    from maft.output_files import distinct_output_names, prepare_output_folder, write_segmentation_files
 
-    from maft import MaftModel, MaftProcessor
-    from maft.visualization import class_fractions, label_map_image, render_overlay
+    output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
+    from tqdm.auto import tqdm
 
-    model_path = arguments.model or default_model_path()
-    processor = MaftProcessor.from_pretrained(model_path)
-    model = MaftModel.from_pretrained(model_path).to(arguments.device).eval()
-    arguments.output.mkdir(parents=True, exist_ok=True)
+    from maft.inference import encode_vocabulary, segment_image
+    from maft.model_loading import load_model_and_processor
+    from maft.processing_maft import to_rgb_array
+
+    model, processor = load_model_and_processor(arguments.model, arguments.device)
+    text_embeds = encode_vocabulary(model, processor, arguments.labels)  # once; a bad vocabulary fails once
     failures = 0
-    for image_path in tqdm(arguments.images, desc="segmenting", unit="image"):
+    names = distinct_output_names(arguments.images)
+    for image_path, name in zip(tqdm(arguments.images, desc="segmenting", unit="image"), names):
         try:
-            with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as error:
+            image = to_rgb_array(image_path)
+            label_map = segment_image(model, processor, image, text_embeds)
+            write_segmentation_files(output, name, image, label_map, arguments.labels, source=str(image_path))
+        except Exception as error:
             failures += 1
-            tqdm.write(f"maft: skipped {image_path}: {error}", file=sys.stderr)
-            continue
-        inputs = processor(images=image, text=arguments.labels, return_tensors="pt").to(arguments.device)
-        with torch.inference_mode():
-            outputs = model(**inputs)
-        label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
-        label_map = label_map.cpu().numpy()
-        stem = arguments.output / Path(image_path).stem
-        render_overlay(image, label_map, arguments.labels).save(f"{stem}_overlay.png")
-        label_map_image(label_map).save(f"{stem}_labels.png")
-        fractions = {"image": str(image_path), "labels": arguments.labels, "fractions": class_fractions(label_map, arguments.labels)}
-        Path(f"{stem}.json").write_text(json.dumps(fractions, indent=2))
-    done = len(arguments.images) - failures
-    print(f"segmented {done} of {len(arguments.images)} images into {arguments.output}")
+            if arguments.debug:
+                traceback.print_exc()
+            tqdm.write(f"maft segment: skipped {image_path}: {failure_message(error)}", file=sys.stderr)
+    print(f"segmented {len(arguments.images) - failures} of {len(arguments.images)} images into {output}")
     return 1 if failures else 0
 
 
 def ipclip_example(arguments: argparse.Namespace) -> int:
     """Classifies the four quadrants of an image as mask proposals with IP-CLIP, in one forward pass."""
+    import torch
+
     from maft import MaftClipVisionConfig, MaftClipVisionModel
 
     if arguments.model:
@@ -101,35 +99,15 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def recorded_classes(dataset, default_class_names: list[str] | None, ignore_index: int | None) -> tuple[list[str], int]:
-    """(class names, ignore index) recorded in the dataset's metadata; without metadata, `default_class_names` (an
-    error if there are none) and 255. A given `ignore_index` replaces either."""
-    from maft.segmentation_data import segmentation_metadata
+def dataset_and_classes(arguments: argparse.Namespace, name_or_path: str | None, default_split: str) -> tuple:
+    """The dataset, class names and ignore index that the dataset arguments (see `add_dataset_arguments`) name."""
+    from maft.dataset_resolution import load_dataset_and_classes
 
-    try:
-        class_names, recorded_ignore_index = segmentation_metadata(dataset)
-    except ValueError:
-        if default_class_names is None:
-            raise
-        class_names, recorded_ignore_index = default_class_names, 255
-    return class_names, recorded_ignore_index if ignore_index is None else ignore_index
-
-
-def load_dataset_and_classes(name_or_path: str | None, arguments: argparse.Namespace, default_split: str) -> tuple:
-    """The dataset (columns image/label), its class names (--class-names, else its metadata) and its ignore index
-    (--ignore-index, else its metadata, else 255): from a saved or Hub dataset, or a benchmark in the original layout."""
-    from maft.evaluation.benchmark_datasets import load_benchmark
-    from maft.segmentation_data import load_segmentation_dataset
-
-    if arguments.benchmark:
-        if not arguments.data_root:
-            raise SystemExit("maft: --benchmark needs --data-root, the folder holding coco/, ade/ and VOCdevkit/")
-        dataset = load_benchmark(arguments.benchmark, arguments.data_root, arguments.split or default_split)
-    else:
-        dataset = load_segmentation_dataset(name_or_path, arguments.split, arguments.image_column, arguments.label_column)
-    given_names = parse_labels(arguments.class_names) if arguments.class_names else None
-    recorded_names, ignore_index = recorded_classes(dataset, given_names, arguments.ignore_index)
-    return dataset, given_names or recorded_names, ignore_index
+    return load_dataset_and_classes(
+        name_or_path, benchmark=arguments.benchmark, data_root=arguments.data_root, split=arguments.split,
+        default_split=default_split, image_column=arguments.image_column, label_column=arguments.label_column,
+        class_names=arguments.class_names, ignore_index=arguments.ignore_index,
+    )
 
 
 # command-line option -> recipe value (maft.training.recipes); an option left out keeps the stage's value
@@ -143,13 +121,18 @@ RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "
 
 def train_command(arguments: argparse.Namespace) -> int:
     """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
+    from maft.output_files import check_output_folder
+
+    check_output_folder(arguments.output_dir)  # before the slow imports below
     import dataclasses
 
     from accelerate import PartialState
 
+    from maft.model_loading import check_model
     from maft.training import MaftTrainingArguments, get_recipe, train_from_pretrained
 
-    dataset, class_names, ignore_index = load_dataset_and_classes(arguments.train_dataset, arguments, default_split="train")
+    check_model(arguments.init_from)
+    dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.train_dataset, default_split="train")
     recipe = get_recipe(arguments.stage)
     recipe = recipe.replace(
         **{value: getattr(arguments, option) for option, value in RECIPE_OPTIONS.items() if getattr(arguments, option) is not None}
@@ -175,55 +158,74 @@ def train_command(arguments: argparse.Namespace) -> int:
 
 def evaluate_after_training(model, processor, arguments: argparse.Namespace, class_names: list[str]) -> None:
     """`--eval-dataset`: the trained model's metrics, printed and written to `eval_results.json` in the output folder."""
-    from maft.segmentation_data import load_segmentation_dataset
+    from maft.dataset_resolution import load_labelled_dataset, recorded_classes
     from maft.evaluation import evaluate_on_dataset, format_results_table
+    from maft.model_loading import resolve_device
 
-    dataset = load_segmentation_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
+    dataset = load_labelled_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
     # its own recorded vocabulary, in its label order; without one, the training vocabulary
     eval_class_names, ignore_index = recorded_classes(dataset, class_names, arguments.ignore_index)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=device)
+    results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=resolve_device())
     print(format_results_table(results))
-    Path(arguments.output_dir, "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_json(Path(arguments.output_dir, "eval_results.json"), results)
+
+
+def write_json(path: Path, content: dict) -> None:
+    """`content` as indented JSON in `path`, written atomically."""
+    from maft.output_files import write_files_atomically
+
+    write_files_atomically({path: lambda temporary: temporary.write_text(json.dumps(content, indent=2))})
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
     """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
-    from maft import MaftModel, MaftProcessor
-    from maft.evaluation import evaluate_on_dataset, format_results_table
+    from maft.output_files import check_output_file
 
-    dataset, class_names, ignore_index = load_dataset_and_classes(arguments.dataset, arguments, default_split="val")
-    unseen = parse_labels(arguments.unseen_class_names) if arguments.unseen_class_names else []
-    model, processor = MaftModel.from_pretrained(arguments.model), MaftProcessor.from_pretrained(arguments.model)
-    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, unseen, arguments.device)
+    if arguments.output:
+        check_output_file(arguments.output)  # before the slow imports below
+    from maft.evaluation import evaluate_on_dataset, format_results_table
+    from maft.model_loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(arguments.model, arguments.device)
+    dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
+    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device)
     print(format_results_table(results))
     if arguments.output:
-        Path(arguments.output).write_text(json.dumps(results, indent=2))
+        write_json(Path(arguments.output), results)
     return 0
 
 
 def convert_command(arguments: argparse.Namespace) -> int:
     """Converts an original MAFT checkpoint to a transformers-style folder (and optionally pushes it to the Hub)."""
-    from maft.convert_original_checkpoint import convert_original_checkpoint, write_converted_model
+    from maft.output_files import check_output_folder
+
+    check_output_folder(arguments.output_dir)  # before the slow imports below
+    import yaml
+
+    from maft.convert_original_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
+    from maft.hub import push_folder_to_hub
 
     try:
-        model = convert_original_checkpoint(arguments.checkpoint, arguments.original_config)
-    except (ValueError, OSError) as error:
-        print(f"maft convert: {arguments.checkpoint}: {error}", file=sys.stderr)
-        return 1
+        state_dict = load_original_checkpoint(arguments.checkpoint)
+    except (EOFError, RuntimeError) as error:  # what torch.load raises for an empty or cut-off file
+        first_sentence = one_line(error).split(". ")[0]
+        raise ValueError(f"cannot read the checkpoint {arguments.checkpoint}: it is empty or truncated ({first_sentence})") from error
+    try:
+        model = convert_original_checkpoint(state_dict, arguments.original_config)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        raise ValueError(
+            f"the original config {arguments.original_config} is not valid YAML: {error.problem} at line {mark.line + 1}, "
+            f"column {mark.column + 1}"
+        ) from error
     write_converted_model(model, arguments.output_dir, source=arguments.checkpoint, model_card=arguments.model_card)
     print(f"converted {arguments.checkpoint} -> {arguments.output_dir}")
     if arguments.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        repo_url = api.create_repo(arguments.push_to_hub, private=arguments.private or None, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=arguments.output_dir,
-            repo_id=repo_url.repo_id,
+        repo_url, commit_url = push_folder_to_hub(
+            arguments.output_dir, arguments.push_to_hub, private=arguments.private,
             commit_message=f"Convert {Path(arguments.checkpoint).name} with maft convert",
         )
-        print(f"pushed to {repo_url} ({commit.commit_url})")
+        print(f"pushed to {repo_url} ({commit_url})")
     return 0
 
 
@@ -236,35 +238,55 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
-    from maft.evaluation.benchmark_datasets import BENCHMARKS
-
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(flag, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
-    source.add_argument("--benchmark", choices=BENCHMARKS, help="a benchmark, read from --data-root in the original MAFT layout")
+    source.add_argument("--benchmark", metavar="NAME",
+                        help="a benchmark MAFT reports (e.g. ade20k_150), read from --data-root in the original MAFT layout")
     parser.add_argument("--data-root", help="with --benchmark: the folder holding coco/, ade/ and VOCdevkit/")
     parser.add_argument("--split", help="the split, for datasets that have several (benchmarks: train or val)")
-    parser.add_argument("--class-names", help="class names in label order, comma-separated (default: the dataset's metadata)")
+    parser.add_argument("--class-names", type=parse_labels,
+                        help="class names in label order, comma-separated (default: the dataset's metadata)")
     parser.add_argument("--ignore-index", type=int, help="label of unlabelled pixels (default: the dataset's metadata, else 255)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--label-column", default="label")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported in one line (exit code 2) as every other failure is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help shows the usage)\n")
+
+
+DEVICE_HELP = "any torch device: cpu, cuda, cuda:1, mps, xpu... (default: cuda if available, else cpu)"
+DEBUG_HELP = "on failure, show the traceback instead of one line"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
+    parser = OneLineArgumentParser(prog="maft", description="MAFT open-vocabulary semantic segmentation.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug is accepted after the command too; SUPPRESS keeps the subcommand from resetting a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    example = commands.add_parser("ipclip-example", help="run IP-CLIP on four quadrant masks of an image")
+    example = commands.add_parser("ipclip-example", parents=[common], help="run IP-CLIP on four quadrant masks of an image")
     example.add_argument("--model", help="a CLIP checkpoint (directory or Hub id); default: a random tiny model")
     example.set_defaults(handler=ipclip_example)
 
-    segmenter = commands.add_parser("segment", help="segment images into any list of class names")
+    segmenter = commands.add_parser(
+        "segment", parents=[common], help="segment images into any list of class names",
+        description="Writes, per image, NAME_overlay.png, NAME_labels.png and NAME.json into --output, NAME being the "
+        "image's file name without suffix; images sharing a NAME (a/photo.png, b/photo.png) get NAME-N, N the image's "
+        "position on the command line.",
+    )
     segmenter.add_argument("images", nargs="+", help="image files")
     segmenter.add_argument("--labels", required=True, type=parse_labels, help='class names, e.g. "cat, sofa, wall"')
     segmenter.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
     segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
-    segmenter.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    segmenter.add_argument("--device", help=DEVICE_HELP)
     segmenter.set_defaults(handler=segment)
 
-    trainer = commands.add_parser("train", help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
+    trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
     trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
     add_dataset_arguments(trainer, "--train-dataset")
     trainer.add_argument("--eval-dataset", help="after training, evaluate on this dataset (saved or Hub): eval_results.json")
@@ -294,15 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trainer.set_defaults(handler=train_command)
 
-    evaluator = commands.add_parser("evaluate", help="mIoU and related metrics of a model on a labelled dataset")
+    evaluator = commands.add_parser("evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset")
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
-    evaluator.add_argument("--unseen-class-names", help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
+    evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
-    evaluator.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    evaluator.add_argument("--device", help=DEVICE_HELP)
     evaluator.set_defaults(handler=evaluate_command)
 
-    converter = commands.add_parser("convert", help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")
+    converter = commands.add_parser("convert", parents=[common], help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")
     converter.add_argument("--checkpoint", required=True)
     converter.add_argument("--output-dir", required=True)
     converter.add_argument("--original-config", help="the original YAML config, for values tensor shapes cannot tell")
@@ -312,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     converter.set_defaults(handler=convert_command)
 
     reproducer = commands.add_parser(
-        "reproduce-mini", help="draw a miniature world, pre-train a tiny CLIP, train both stages, compare with frozen CLIP"
+        "reproduce-mini", parents=[common], help="draw a miniature world, pre-train a tiny CLIP, train both stages, compare with frozen CLIP"
     )
     reproducer.add_argument("--output-dir", type=Path, default=Path("maft-mini-reproduction"),
                             help="where every step writes its result; a rerun continues an interrupted run")
@@ -323,7 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    return arguments.handler(arguments)
+    try:
+        return arguments.handler(arguments)
+    except KeyboardInterrupt:
+        if arguments.debug:
+            raise
+        print(f"maft {arguments.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if arguments.debug:
+            raise
+        print(f"maft {arguments.command}: {failure_message(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from maft import MaftModel, MaftProcessor
-from maft.cli import default_model_path, main
+from maft.cli import main
 from maft.evaluation.metrics import StreamingConfusionMatrix
+from maft.model_loading import default_model_path
 
 
 # Measured on the 8 bundled scenes when the model was made: seen mIoU 29.4 (unseen 44.7); the bar leaves a margin.
