@@ -23,6 +23,11 @@ def require_golden() -> Path:
     return GOLDEN_DIR
 
 
+def released_key_list(name: str) -> dict[str, list[int]]:
+    """Every parameter name and shape of a released checkpoint: `name` is "maft_vitb16" or "freeseg"."""
+    return json.loads((require_golden().parent / f"{name}_checkpoint_keys.json").read_text())["keys"]
+
+
 @functools.cache
 def golden_state_dict() -> dict[str, torch.Tensor]:
     """The original model's state dict; weights were rounded to float16 before the run, so float32 reproduces it."""

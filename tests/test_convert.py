@@ -1,7 +1,6 @@
 """Converting original checkpoints: full-size fakes from the released key list (ViT-B/16, ViT-L/14, FreeSeg), safe
 loading, errors listed by module, the command line with its model card and its push to a (local) Hub."""
 
-import json
 import pickle
 import re
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from golden import golden_config, golden_state_dict, require_golden
+from golden import golden_config, golden_state_dict, released_key_list
 from maft import MaftConfig, MaftModel, MaftProcessor
 from maft.cli import main
 from maft.convert_original_checkpoint import (
@@ -20,15 +19,11 @@ from maft.convert_original_checkpoint import (
 )
 
 
-def released_key_list() -> dict[str, list[int]]:
-    return json.loads((require_golden().parent / "maft_vitb16_checkpoint_keys.json").read_text())["keys"]
-
-
 def test_a_full_size_checkpoint_converts_strictly_into_the_default_config(tmp_path):
     generator = torch.Generator().manual_seed(0)
     state_dict = {
         name: torch.randn(shape, generator=generator).half() if "running_var" not in name else torch.ones(shape).half()
-        for name, shape in released_key_list().items()
+        for name, shape in released_key_list("maft_vitb16").items()
     }
     assert config_from_state_dict(state_dict).to_dict() == MaftConfig().to_dict()
     path = tmp_path / "MAFT_Vitb.pt"
@@ -60,7 +55,7 @@ def test_a_pickle_with_an_unexpected_global_is_refused(tmp_path):
 
 
 def test_a_freeseg_checkpoint_converts_with_ip_clip_from_the_frozen_clip():
-    keys = json.loads((require_golden().parent / "freeseg_checkpoint_keys.json").read_text())["keys"]
+    keys = released_key_list("freeseg")
     state_dict = {name: torch.empty(shape, device="meta") for name, shape in keys.items()}
     config = config_from_state_dict(state_dict)
     assert config.to_dict() == MaftConfig().to_dict()
@@ -93,7 +88,7 @@ def vit_large_patch14_key_list() -> dict[str, list[int]]:
     image_sizes = {768: 1024, 2304: 3 * 1024, 3072: 4 * 1024, 197: (224 // 14) ** 2 + 1, 512: 768}
     text_sizes = {512: 768, 1536: 3 * 768, 2048: 4 * 768}
     keys = {}
-    for name, shape in released_key_list().items():
+    for name, shape in released_key_list("maft_vitb16").items():
         if name.startswith(IMAGE_TOWERS):
             shape = [image_sizes.get(size, size) for size in shape]
             if name.endswith("conv1.weight"):
@@ -193,7 +188,7 @@ def test_the_converted_folder_has_a_model_card(tmp_path):
 
 
 def meta_vit_b16_state_dict() -> dict[str, torch.Tensor]:
-    return {name: torch.empty(shape, device="meta") for name, shape in released_key_list().items()}
+    return {name: torch.empty(shape, device="meta") for name, shape in released_key_list("maft_vitb16").items()}
 
 
 def test_an_unknown_key_inside_a_clip_tower_is_listed_by_module():

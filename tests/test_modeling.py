@@ -197,7 +197,7 @@ def test_from_clip_pretrained(tmp_path):
 
 
 def test_default_config_matches_the_released_checkpoint_layout():
-    keys = json.loads((__import__("golden").require_golden().parent / "maft_vitb16_checkpoint_keys.json").read_text())["keys"]
+    keys = __import__("golden").released_key_list("maft_vitb16")
     converted = convert_state_dict({name: torch.empty(shape, device="meta") for name, shape in keys.items()})
     with torch.device("meta"):
         model = MaftModel(MaftConfig())
