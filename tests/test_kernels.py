@@ -1,8 +1,12 @@
 """Multi-scale deformable attention: the compiled CPU kernel against the PyTorch reference and transformers' function,
 gradients, backend selection, input errors, the layer, and (where a CUDA build of torch and nvcc exist) the CUDA build."""
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,9 @@ from maft.kernels import (
     multi_scale_deformable_attention_pytorch,
 )
 from maft.kernels import extension, functional
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_inputs(batch=2, heads=4, channels=8, queries=7, points=2, shapes=((6, 5), (3, 4), (2, 2)), dtype=torch.float32, seed=0):
@@ -80,11 +87,16 @@ def test_cpu_kernel_matches_transformers_function(cpu_kernel):
 
 
 @pytest.fixture
-def broken_build(monkeypatch):
-    """Make every kernel build fail, as on a machine without a compiler, and forget earlier builds and warnings."""
+def fresh_kernel_state(monkeypatch):
+    """Forget earlier builds, failures and fallback warnings for the duration of the test."""
     monkeypatch.setattr(extension, "_loaded", {})
     monkeypatch.setattr(extension, "_failed", {})
     monkeypatch.setattr(functional, "_warned_fallback", set())
+
+
+@pytest.fixture
+def broken_build(fresh_kernel_state, monkeypatch):
+    """Make every kernel build fail, as on a machine without a compiler."""
 
     def fail(device_type):
         raise KernelBuildError(f"no compiler for the {device_type} kernel (test)")
@@ -117,14 +129,37 @@ def test_environment_variable_overrides_the_backend(broken_build, monkeypatch):
         multi_scale_deformable_attention(*random_inputs())
 
 
-def test_unsupported_dtypes(cpu_kernel, monkeypatch):
-    monkeypatch.setattr(functional, "_warned_fallback", set())
-    value, shapes, starts, locations, weights = random_inputs(dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="the cpu kernel supports float32, float64; got torch.bfloat16"):
-        multi_scale_deformable_attention(value, shapes, starts, locations, weights, backend="cpu")
-    with pytest.warns(UserWarning, match="does not support torch.bfloat16"):
-        output = multi_scale_deformable_attention(value, shapes, starts, locations, weights, backend="auto")
-    assert output.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_cpu_kernel_half_precision_matches_the_float32_reference(cpu_kernel, dtype, tolerance):
+    """Half and bfloat16 inputs are accumulated in float32: the error is that of rounding the results once."""
+    value, spatial_shapes, starts, locations, weights = (
+        tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in random_inputs(heads=8, channels=32, points=4)
+    )
+    half_inputs = [tensor.requires_grad_() for tensor in (value, locations, weights)]
+    float_inputs = [tensor.detach().float().requires_grad_() for tensor in half_inputs]
+    compiled = multi_scale_deformable_attention(half_inputs[0], spatial_shapes, starts, *half_inputs[1:], backend="cpu")
+    reference = multi_scale_deformable_attention_pytorch(float_inputs[0], spatial_shapes, *float_inputs[1:])
+    assert compiled.dtype == dtype
+    assert_close_relative_to_largest(compiled, reference, tolerance)
+    grad_output = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1))
+    compiled_grads = torch.autograd.grad(compiled, half_inputs, grad_output.to(dtype))
+    for compiled_grad, reference_grad in zip(compiled_grads, torch.autograd.grad(reference, float_inputs, grad_output)):
+        assert compiled_grad.dtype == dtype
+        assert_close_relative_to_largest(compiled_grad, reference_grad, tolerance)
+
+
+def assert_close_relative_to_largest(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    largest = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected, rtol=0, atol=tolerance * largest)
+
+
+def test_unsupported_dtypes():
+    value, shapes, starts, locations, weights = random_inputs()
+    with pytest.raises(ValueError, match="`value` must be a floating-point tensor, got torch.int64"):
+        multi_scale_deformable_attention(value.long(), shapes, starts, locations, weights, backend="cpu")
+    float8 = [tensor.to(torch.float8_e4m3fn) for tensor in (value, locations, weights)]
+    with pytest.raises(ValueError, match="the cpu kernel supports float32, float64, float16, bfloat16; got torch.float8_e4m3fn"):
+        multi_scale_deformable_attention(float8[0], shapes, starts, *float8[1:], backend="cpu")
 
 
 @pytest.mark.parametrize(
@@ -138,11 +173,56 @@ def test_unsupported_dtypes(cpu_kernel, monkeypatch):
         (lambda v, s, i, l, w: (v, s, i + 1, l, w), "`level_start_index` must be \\[0, 30, 42\\]"),
         (lambda v, s, i, l, w: (v, s, i, l.double(), w), "share one dtype"),
         (lambda v, s, i, l, w: (v[:1], s, i, l, w), "disagree on batch size"),
+        (lambda v, s, i, l, w: (v, s.float(), i, l, w), "`spatial_shapes` must hold integers, got torch.float32"),
+        (lambda v, s, i, l, w: (v, s * torch.tensor([[1, 1], [-1, -1], [1, 1]]), i, l, w), "level 1 is \\(-3, -4\\)"),
+        (lambda v, s, i, l, w: (v, [(6, 5), (3, 4), (2, 0)], i, l, w), "positive .* level 2 is \\(2, 0\\)"),
+        (lambda v, s, i, l, w: (v, [(6, 5), (3, 4)], i, l, w), "got 2 levels"),
+        (lambda v, s, i, l, w: (v, [(6, 5), (3, 4), (2.5, 2)], i, l, w), "list of \\(height, width\\) int pairs"),
+        (lambda v, s, i, l, w: (v, [(6, 5), (3, 4), (1, 3)], None, l, w), "positions but `spatial_shapes` sum to 45"),
+        (lambda v, s, i, l, w: (v, s.tolist(), [0, 30, 41], l, w), "`level_start_index` must be \\[0, 30, 42\\]"),
     ],
 )
-def test_input_errors(change, message):
+@pytest.mark.parametrize("backend", ["pytorch", "cpu"])
+def test_input_errors(cpu_kernel, change, message, backend):
     with pytest.raises(ValueError, match=message):
-        multi_scale_deformable_attention(*change(*random_inputs()), backend="pytorch")
+        multi_scale_deformable_attention(*change(*random_inputs()), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "cpu", "auto"])
+def test_non_finite_sampling_locations_are_skipped_on_every_backend(cpu_kernel, backend):
+    """A NaN or infinite location contributes nothing, whatever its attention weight, and gets zero gradients, as in
+    the original CUDA op: the result is that of the same inputs with those samples' weights set to zero."""
+    value, spatial_shapes, starts, locations, weights = random_inputs(heads=4, channels=8, points=2)
+    skipped = [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 2, 3, 2, 1, 0), (1, 6, 2, 0, 1, 1)]
+    for index, bad in zip(skipped, [float("nan"), float("inf"), -float("inf"), float("nan")]):
+        locations[index] = bad
+        weights[index[:-1]] = float("nan") if index[0] == 0 else 0.7
+    skipped_samples = ~torch.isfinite(locations).all(-1)
+    inputs = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
+    output = multi_scale_deformable_attention(inputs[0], spatial_shapes, starts, inputs[1], inputs[2], backend=backend)
+    clean = [value.clone(), locations.nan_to_num(0.5, 0.5, 0.5), weights.masked_fill(skipped_samples, 0.0)]
+    clean = [tensor.requires_grad_() for tensor in clean]
+    expected = multi_scale_deformable_attention_pytorch(clean[0], spatial_shapes, clean[1], clean[2])
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    grad_output = torch.randn_like(output)
+    grad_value, grad_locations, grad_weights = torch.autograd.grad(output, inputs, grad_output)
+    expected_grad_value, expected_grad_locations, _ = torch.autograd.grad(expected, clean, grad_output)
+    assert torch.isfinite(grad_value).all() and torch.isfinite(grad_locations).all() and torch.isfinite(grad_weights).all()
+    torch.testing.assert_close(grad_value, expected_grad_value, rtol=1e-5, atol=1e-5)
+    assert not grad_locations[skipped_samples].any() and not grad_weights[skipped_samples].any()
+    torch.testing.assert_close(grad_locations[~skipped_samples], expected_grad_locations[~skipped_samples], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "cpu"])
+def test_spatial_shapes_as_a_list_of_int_pairs(cpu_kernel, backend):
+    value, spatial_shapes, starts, locations, weights = random_inputs()
+    from_tensor = multi_scale_deformable_attention(value, spatial_shapes, starts, locations, weights, backend=backend)
+    shapes_list = [tuple(shape) for shape in spatial_shapes.tolist()]
+    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes_list, None, locations, weights, backend=backend), from_tensor)
+    torch.testing.assert_close(
+        multi_scale_deformable_attention(value, shapes_list, starts.tolist(), locations, weights, backend=backend), from_tensor
+    )
 
 
 def test_layer_initialisation_and_forward(cpu_kernel):
@@ -167,8 +247,92 @@ def test_layer_initialisation_and_forward(cpu_kernel):
     masked = layer(query, points, value, spatial_shapes, starts, value_padding_mask=padding)
     value[:, :5] = 1e3  # padded values must not matter
     torch.testing.assert_close(masked, layer(query, points, value, spatial_shapes, starts, value_padding_mask=padding))
+    shapes_list = [tuple(shape) for shape in spatial_shapes.tolist()]
+    torch.testing.assert_close(layer(query, points, value, shapes_list), layer(query, points, value, spatial_shapes, starts))
     with pytest.raises(ValueError, match="divisible"):
         MultiScaleDeformableAttention(embed_dim=30, num_heads=4)
+
+
+@pytest.mark.parametrize("source_dir", ["empty", "missing"])
+def test_missing_kernel_sources_fall_back_under_auto(fresh_kernel_state, monkeypatch, tmp_path, source_dir):
+    """Without its C++ sources (a remote-code load ships only the Python files) "auto" warns once and uses the
+    reference; "cpu" raises KernelBuildError naming the missing files."""
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(extension, "SOURCE_DIR", tmp_path / source_dir)
+    inputs = random_inputs()
+    with pytest.raises(KernelBuildError, match="missing or unreadable: bindings.cpp .*ms_deform_attn_sample.h"):
+        multi_scale_deformable_attention(*inputs, backend="cpu")
+    monkeypatch.setattr(extension, "_failed", {})
+    with pytest.warns(UserWarning, match="falls back to the PyTorch reference.*kernel sources in .* are missing") as record:
+        first = multi_scale_deformable_attention(*inputs, backend="auto")
+        multi_scale_deformable_attention(*inputs, backend="auto")
+    assert len([warning for warning in record if "falls back" in str(warning.message)]) == 1
+    torch.testing.assert_close(first, multi_scale_deformable_attention_pytorch(inputs[0], inputs[1], inputs[3], inputs[4]))
+
+
+def test_unreadable_kernel_source_raises_kernel_build_error(fresh_kernel_state, monkeypatch, tmp_path):
+    for name in extension.CUDA_SOURCES + extension.HEADERS:
+        (tmp_path / name).write_text("")
+    (tmp_path / "bindings.cpp").unlink()
+    (tmp_path / "bindings.cpp").mkdir()  # reading a folder fails like an unreadable file, even as root
+    monkeypatch.setattr(extension, "SOURCE_DIR", tmp_path)
+    with pytest.raises(KernelBuildError, match="missing or unreadable: bindings.cpp \\(Is a directory\\)"):
+        load_extension("cpu")
+
+
+def test_build_name_depends_on_the_python_environment(monkeypatch):
+    name = extension.extension_name("cpu")
+    assert name == extension.extension_name("cpu")
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")
+    assert extension.extension_name("cpu") != name
+
+
+CONCURRENT_BUILDER = """
+import logging, sys, time
+from pathlib import Path
+from maft.kernels import extension
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+extension.SOURCE_DIR = Path(sys.argv[1])
+rendezvous = Path(sys.argv[2])
+(rendezvous / sys.argv[3]).touch()
+while len(list(rendezvous.iterdir())) < 2:  # start building only when both processes are ready
+    time.sleep(0.01)
+print(extension.load_extension("cpu").__file__)
+"""
+
+
+def test_concurrent_first_use_builds_once(tmp_path):
+    """Two processes loading a kernel at once into an empty TORCH_EXTENSIONS_DIR, with a stale lock left by torch from
+    a killed build: both load it, one builds (ninja compiles each source once), neither hangs. Small stand-in sources
+    keep the compile short."""
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for name in extension.CUDA_SOURCES + extension.HEADERS:
+        (sources / name).write_text("")
+    (sources / "bindings.cpp").write_text("#include <pybind11/pybind11.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}\n")
+    extensions_dir, rendezvous = tmp_path / "torch_extensions", tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir), "PYTHONPATH": str(REPO_ROOT)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extension, "SOURCE_DIR", sources)
+        name = extension.extension_name("cpu")
+    stale_baton = extensions_dir / name / "lock"
+    stale_baton.parent.mkdir(parents=True)
+    stale_baton.touch()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_BUILDER, str(sources), str(rendezvous), str(index)],
+            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]
+    results = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], results
+    assert {stdout.strip() for stdout, _ in results} == {str(extensions_dir / name / f"{name}.so")}
+    assert sum(stderr.count("building the cpu multi-scale deformable attention kernel") for _, stderr in results) == 1
+    compiled = [line for line in (extensions_dir / name / ".ninja_log").read_text().splitlines() if "bindings.o" in line]
+    assert len(compiled) == 1
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build: the CUDA kernel cannot be compiled")
