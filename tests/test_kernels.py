@@ -340,3 +340,73 @@ def test_concurrent_first_use_builds_once(tmp_path):
 def test_cuda_build():
     module = load_extension("cuda")
     assert hasattr(module, "forward") and hasattr(module, "backward")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def attention_and_gradients(inputs, device, backend, dtype=None, seed=1):
+    """Output and gradients of value, locations and weights for `inputs` (as `random_inputs`) moved to `device` and
+    `dtype`, as float32 (float64 for float64) on the CPU."""
+    value, spatial_shapes, starts, locations, weights = inputs
+    tensors = [tensor.to(device, dtype or tensor.dtype).requires_grad_() for tensor in (value, locations, weights)]
+    output = multi_scale_deformable_attention(tensors[0], spatial_shapes, starts, tensors[1], tensors[2], backend=backend)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed)).to(output)
+    results = (output, *torch.autograd.grad(output, tensors, grad_output))
+    return [result.detach().cpu().to(torch.promote_types(result.dtype, torch.float32)) for result in results]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_cuda_kernel_matches_the_reference_and_the_cpu_kernel(dtype, tolerance):
+    inputs = random_inputs(heads=8, channels=32, points=4)
+    rounded = [tensor.to(dtype).float() if tensor.is_floating_point() else tensor for tensor in inputs]
+    cuda = attention_and_gradients(inputs, "cuda", "cuda", dtype)
+    reference = attention_and_gradients(rounded, "cpu", "pytorch")
+    cpu = attention_and_gradients(inputs, "cpu", "cpu", dtype)
+    for cuda_result, reference_result, cpu_result in zip(cuda, reference, cpu):
+        assert_close_relative_to_largest(cuda_result, reference_result, tolerance)
+        # Both accumulate in float32 and round once: they differ only by the order of the sums.
+        assert_close_relative_to_largest(cuda_result, cpu_result, min(tolerance, 1e-3))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_kernel_gradcheck():
+    value, spatial_shapes, starts, locations, weights = random_inputs(batch=1, heads=2, channels=3, queries=3, dtype=torch.float64)
+    inputs = [tensor.cuda().requires_grad_() for tensor in (value, locations * 0.9 + 0.013, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, l, w: multi_scale_deformable_attention(v, spatial_shapes, starts, l, w, backend="cuda"), inputs
+    )
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_kernel_on_awkward_inputs():
+    """Non-contiguous inputs, shapes as a list, NaN and infinite locations, an empty batch; "auto" picks the kernel."""
+    value, spatial_shapes, starts, locations, weights = random_inputs(heads=4, channels=8)
+    locations[0, 1, 2, 0, 1, 0], locations[1, 3, 0, 2, 0, 1] = float("nan"), float("inf")
+    expected = attention_and_gradients((value, spatial_shapes, starts, locations, weights), "cpu", "cpu")
+    shapes_list = [tuple(shape) for shape in spatial_shapes.tolist()]
+    strided = [torch.stack([tensor, torch.zeros_like(tensor)], -1)[..., 0] for tensor in (value, locations, weights)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = attention_and_gradients((strided[0], shapes_list, None, strided[1], strided[2]), "cuda", "auto")
+    for actual_result, expected_result in zip(actual, expected):
+        assert torch.isfinite(actual_result).all()
+        torch.testing.assert_close(actual_result, expected_result, rtol=1e-5, atol=1e-5)
+    empty = attention_and_gradients((value[:0], spatial_shapes, starts, locations[:0], weights[:0]), "cuda", "cuda")
+    assert [tuple(result.shape) for result in empty] == [(0, 7, 32), (0, *value.shape[1:]), (0, *locations.shape[1:]),
+                                                         (0, *weights.shape[1:])]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_kernel_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the device guard launches on their device."""
+    inputs = random_inputs(heads=4, channels=8)
+    torch.cuda.set_device(0)
+    on_second = attention_and_gradients(inputs, "cuda:1", "cuda")
+    for second, first in zip(on_second, attention_and_gradients(inputs, "cuda:0", "cuda")):
+        torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
