@@ -9,7 +9,7 @@
 5. times the full model (default MaftConfig, random weights, 150 classes, vocabulary cached) in each dtype, eager and
    compiled (images/s, peak memory), and IP-CLIP with Q mask proposals against a plain CLIP forward.
 
-    python benchmarks/gpu_check.py                  # on a CUDA machine; about 5 minutes on one H100
+    python benchmarks/gpu_check.py                  # on a CUDA machine; planned for under 6 minutes on one H100
     python benchmarks/gpu_check.py --device cpu ... # the same steps with the CPU kernel: checks the script itself
 
 Writes $OUT/gpu_check.json (else benchmarks/results/gpu_check.json) after every step, so an interrupted run keeps
