@@ -86,6 +86,34 @@ def test_cpu_kernel_matches_transformers_function(cpu_kernel):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "pytorch"])
+def test_compiles_into_one_graph_with_shapes_as_a_list(cpu_kernel, backend):
+    """With spatial shapes as int pairs and no level starts, torch.compile captures the whole call, kernel included (a
+    custom operator with a fake implementation), and gives the eager forward and gradients."""
+    value, spatial_shapes, _, locations, weights = random_inputs()
+    shapes_list = [tuple(shape) for shape in spatial_shapes.tolist()]
+
+    def attention(v, l, w):
+        return multi_scale_deformable_attention(v, shapes_list, None, l, w, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (attention, compiled):
+        inputs = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
+        output = run(*inputs)
+        results.append([output, *torch.autograd.grad(output.square().sum(), inputs)])
+    for eager_result, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager_result)
+
+
+def test_kernel_operators_are_registered_consistently(cpu_kernel):
+    """torch.library's checks of the custom operators: schema, fake implementation, autograd registration."""
+    value, spatial_shapes, starts, locations, weights = random_inputs(batch=1, heads=2, channels=3, queries=3)
+    arguments = (value.requires_grad_(), spatial_shapes, starts, locations.requires_grad_(), weights.requires_grad_())
+    torch.library.opcheck(functional._compiled_forward, arguments)
+
+
 @pytest.fixture
 def fresh_kernel_state(monkeypatch):
     """Forget earlier builds, failures and fallback warnings for the duration of the test."""

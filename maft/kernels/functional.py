@@ -60,20 +60,57 @@ def multi_scale_deformable_attention_pytorch(
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
-class _CompiledMultiScaleDeformableAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, extension, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        ctx.extension = extension
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+# The compiled kernels as torch custom operators, so that torch.compile captures them in its graph (their fake
+# implementations give the output shapes) and autograd differentiates them. Named after this module, so that a second
+# copy of it (a model's remote code) registers its own operators instead of clashing.
+_OPERATOR = f"maft::{__name__.replace('.', '_')}"
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = ctx.extension.backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
-        )
-        return None, grad_value, None, None, grad_locations, grad_weights
+
+@torch.library.custom_op(f"{_OPERATOR}_forward", mutates_args=())
+def _compiled_forward(
+    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    extension = load_extension(value.device.type)
+    return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_compiled_forward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch_size, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch_size, sampling_locations.shape[1], num_heads * head_dim)
+
+
+@torch.library.custom_op(f"{_OPERATOR}_backward", mutates_args=())
+def _compiled_backward(
+    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor, grad_output: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    extension = load_extension(value.device.type)
+    grad_value, grad_locations, grad_weights = extension.backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
+    )
+    return grad_value, grad_locations, grad_weights
+
+
+@_compiled_backward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _differentiate(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = _compiled_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_compiled_forward.register_autograd(_differentiate, setup_context=_save_inputs)
 
 
 def resolve_backend(backend: str) -> str:
@@ -131,18 +168,19 @@ def multi_scale_deformable_attention(
     if value.dtype not in COMPILED_DTYPES:
         supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in COMPILED_DTYPES)
         raise ValueError(f"the {backend} kernel supports {supported}; got {value.dtype}.")
-    extension = load_extension(backend)
     tensors = [tensor.contiguous() for tensor in (value, sampling_locations, attention_weights)]
     if isinstance(spatial_shapes, torch.Tensor):
         shapes_tensor = spatial_shapes.to(device=value.device, dtype=torch.long).contiguous()
     else:
         shapes_tensor = torch.tensor(shapes, dtype=torch.long, device=value.device)
     starts = torch.tensor(_level_starts(shapes), dtype=torch.long, device=value.device)
-    return _CompiledMultiScaleDeformableAttention.apply(extension, tensors[0], shapes_tensor, starts, tensors[1], tensors[2])
+    return _compiled_forward(tensors[0], shapes_tensor, starts, tensors[1], tensors[2])
 
 
+@torch.compiler.assume_constant_result
 def _why_not_compiled(device_type: str, dtype: torch.dtype) -> str | None:
-    """Why "auto" cannot use a compiled kernel here, or None when it can."""
+    """Why "auto" cannot use a compiled kernel here, or None when it can (constant in a process, so torch.compile
+    calls it once while tracing instead of tracing the build)."""
     if device_type not in COMPILED_DEVICES:
         return f"there is no compiled kernel for {device_type} tensors"
     if dtype not in COMPILED_DTYPES:
