@@ -264,31 +264,29 @@ def check_gradients_numerically(arguments) -> dict:
 # 3. Kernel timings
 
 def kernel_implementations(device: str, shapes: list[tuple[int, int]]) -> dict[str, Callable]:
+    """The three implementations, each given the shapes as int pairs (maft's kernel then needs no host sync)."""
     from maft.kernels import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
 
     return {
-        f"maft {device} kernel": lambda v, s, i, l, w: multi_scale_deformable_attention(v, s, i, l, w, backend=device),
-        "maft PyTorch reference": lambda v, s, i, l, w: multi_scale_deformable_attention_pytorch(v, s, l, w),
-        "transformers' function": lambda v, s, i, l, w: transformers_msda(v, shapes, l, w),
+        f"maft {device} kernel": lambda v, l, w: multi_scale_deformable_attention(v, shapes, None, l, w, backend=device),
+        "maft PyTorch reference": lambda v, l, w: multi_scale_deformable_attention_pytorch(v, shapes, l, w),
+        "transformers' function": lambda v, l, w: transformers_msda(v, shapes, l, w),
     }
 
 
 def time_kernels(arguments) -> dict:
     shapes = pixel_decoder_shapes(arguments.image_size)
     case = random_inputs(shapes, batch=1)
-    shapes_tensor = torch.tensor(shapes, device=arguments.device)
-    sizes = shapes_tensor.prod(1)
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     rows = []
     for dtype_name in arguments.dtypes:
         tensors = [case[key].to(arguments.device, DTYPES[dtype_name]).requires_grad_() for key in ("value", "locations", "weights")]
         for name, attention in kernel_implementations(arguments.device, shapes).items():
             def forward():
                 with torch.no_grad():
-                    attention(tensors[0], shapes_tensor, starts, tensors[1], tensors[2])
+                    attention(*tensors)
 
             def forward_backward():
-                attention(tensors[0], shapes_tensor, starts, tensors[1], tensors[2]).sum().backward()
+                attention(*tensors).sum().backward()
 
             rows.append({"implementation": name, "dtype": dtype_name,
                          "forward_ms": 1e3 * timed(forward, arguments.repeats, arguments.device),
