@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "ipclip": time_ipclip,
         "model_compiled": lambda arguments: time_model(arguments, compiled=True),
     }
+    check_started = time.perf_counter()
     for step in arguments.steps:
         started = time.perf_counter()
         try:
@@ -101,11 +102,12 @@ def main(argv: list[str] | None = None) -> None:
             result = {"passed": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         result["step_seconds"] = time.perf_counter() - started
         report["steps"][step] = result
+        report["total_seconds"] = time.perf_counter() - check_started
         print(f"gpu_check: {step} {'passed' if result.get('passed', True) else 'FAILED'} in {result['step_seconds']:.1f} s",
               flush=True)
         write_json_atomically(output, report)
     print_table(report)
-    print(f"\nwritten to {output}")
+    print(f"\n{report['total_seconds']:.0f} s in all; written to {output}")
     failed = [step for step, result in report["steps"].items() if not result.get("passed", True)]
     if failed:
         sys.exit(f"gpu_check: failed steps: {', '.join(failed)}")
@@ -157,7 +159,7 @@ def run_cuda_tests(arguments) -> dict:
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", *arguments.tests]
     environment_variables = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment_variables, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment_variables, capture_output=True, text=True, timeout=600)
     lines = result.stdout.strip().splitlines()
     return {"passed": result.returncode == 0, "summary": lines[-1] if lines else "", "exit_code": result.returncode,
             "output_tail": "\n".join(lines[-30:]) + result.stderr[-2000:]}

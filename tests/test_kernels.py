@@ -308,6 +308,19 @@ def test_unreadable_kernel_source_raises_kernel_build_error(fresh_kernel_state, 
         load_extension("cpu")
 
 
+def test_any_failure_of_the_builder_is_a_kernel_build_error(fresh_kernel_state, monkeypatch, tmp_path):
+    """torch's builder raises IndexError, for one, when building for CUDA without a GPU or TORCH_CUDA_ARCH_LIST."""
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with pytest.raises(KernelBuildError, match="building the cpu kernel .* failed: IndexError: list index out of range"):
+        load_extension("cpu")
+
+
 def test_build_name_depends_on_the_python_environment(monkeypatch):
     name = extension.extension_name("cpu")
     assert name == extension.extension_name("cpu")

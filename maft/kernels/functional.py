@@ -1,5 +1,5 @@
-"""Multi-scale deformable attention: the PyTorch reference, the compiled kernels' autograd function, and the choice
-between them (DESIGN.md §7)."""
+"""Multi-scale deformable attention: the PyTorch reference, the compiled kernels as torch custom operators, and the
+choice between them (DESIGN.md §7)."""
 
 import operator
 import os
