@@ -372,6 +372,7 @@ def test_concurrent_first_use_builds_once(tmp_path):
     assert [process.returncode for process in processes] == [0, 0], results
     assert {stdout.strip() for stdout, _ in results} == {str(extensions_dir / name / f"{name}.so")}
     assert sum(stderr.count("building the cpu multi-scale deformable attention kernel") for _, stderr in results) == 1
+    assert sum(stderr.count("waiting for another process to finish building") for _, stderr in results) == 1
     compiled = [line for line in (extensions_dir / name / ".ninja_log").read_text().splitlines() if "bindings.o" in line]
     assert len(compiled) == 1
 
