@@ -60,15 +60,17 @@ def extension_name(device_type: str) -> str:
 def load_extension(device_type: str) -> ModuleType:
     """
     The compiled kernel for "cpu" or "cuda", built on first use with `torch.utils.cpp_extension.load` (ninja) and
-    cached under `TORCH_EXTENSIONS_DIR`, so that later processes only load it. Processes starting at once build it
-    once: the others wait for the build's file lock. Raises `KernelBuildError` with the reason (missing sources, no
-    compiler, the compiler's message) when it cannot be built.
+    cached under `TORCH_EXTENSIONS_DIR`, so that later processes only load it; once the CUDA kernel is loaded it serves
+    "cpu" too. Processes starting at once build it once: the others wait for the build's file lock. Raises
+    `KernelBuildError` with the reason (missing sources, no compiler, the compiler's message) when it cannot be built.
     """
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"`device_type` must be 'cpu' or 'cuda', got {device_type!r}.")
     with _load_lock:
         if device_type in _loaded:
             return _loaded[device_type]
+        if device_type == "cpu" and "cuda" in _loaded:  # the CUDA build holds the CPU kernel too: no second build
+            return _loaded["cuda"]
         if device_type in _failed:
             raise _failed[device_type]
         try:
