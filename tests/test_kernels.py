@@ -321,7 +321,7 @@ def test_any_failure_of_the_builder_is_a_kernel_build_error(fresh_kernel_state, 
         load_extension("cpu")
 
 
-def test_a_loaded_cuda_build_serves_the_cpu_kernel(fresh_kernel_state, monkeypatch):
+def test_a_loaded_cuda_extension_serves_the_cpu_kernel(fresh_kernel_state, monkeypatch):
     cuda_build = object()
     monkeypatch.setattr(extension, "_loaded", {"cuda": cuda_build})
     monkeypatch.setattr(extension, "_build", lambda device_type: pytest.fail(f"built the {device_type} kernel again"))
