@@ -32,3 +32,7 @@ def hub_server(monkeypatch, tmp_path):
     yield server
     server.stop()
     assert not server.unknown_requests, f"requests the local Hub does not serve: {server.unknown_requests}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); `pytest -m cuda` runs only these")

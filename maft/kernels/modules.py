@@ -1,11 +1,12 @@
 """The multi-scale deformable attention layer (Deformable DETR), with the original parameter names."""
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .functional import BACKENDS, multi_scale_deformable_attention
+from .functional import BACKENDS, SpatialShapes, multi_scale_deformable_attention
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -52,14 +53,15 @@ class MultiScaleDeformableAttention(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         value: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: torch.Tensor | Sequence[int] | None = None,
         value_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         query (N, Lq, C); reference_points (N, Lq, L, 2) normalised (x, y), or (N, Lq, L, 4) boxes (x, y, w, h);
-        value (N, S, C); spatial_shapes (L, 2) int64 (H, W); level_start_index (L,); value_padding_mask (N, S) with
-        True at padding. Returns (N, Lq, C).
+        value (N, S, C); spatial_shapes (L, 2) (H, W) as an int64 tensor or a list of int pairs (no host sync);
+        level_start_index (L,), or None to derive it from the shapes; value_padding_mask (N, S) with True at padding.
+        Returns (N, Lq, C).
         """
         batch_size, num_queries, _ = query.shape
         head_dim = self.embed_dim // self.num_heads
@@ -71,7 +73,10 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(query).view(batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
         weights = weights.softmax(-1).view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 2:
-            normaliser = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], dim=-1).to(offsets)
+            if isinstance(spatial_shapes, torch.Tensor):
+                normaliser = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], dim=-1).to(offsets)
+            else:
+                normaliser = torch.tensor([(width, height) for height, width in spatial_shapes]).to(offsets)
             locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (
