@@ -65,6 +65,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the kernel's batched parity case")
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--proposals", type=int, default=100, help="mask proposals of the IP-CLIP timing")
+    parser.add_argument("--clip-image-size", type=int, default=480, help="side of the square image IP-CLIP sees")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model-config", type=json.loads, default={},
                         help="MaftConfig keyword arguments as JSON (default: the default configuration)")
@@ -304,13 +305,13 @@ def model_config(arguments, **overrides):
     return MaftConfig(**{**arguments.model_config, **overrides})
 
 
-def make_processor(config, image_size: int):
+def make_processor(arguments):
     from maft import MaftImageProcessor, MaftProcessor
     from maft.clip_tokenizer import load_clip_tokenizer
 
-    image_processor = MaftImageProcessor(shortest_edge=image_size, longest_edge=4 * image_size,
-                                         clip_image_size=config.clip_image_size)
-    return MaftProcessor(image_processor, load_clip_tokenizer(), prompt_templates=config.prompt_templates)
+    image_processor = MaftImageProcessor(shortest_edge=arguments.image_size, longest_edge=4 * arguments.image_size,
+                                         clip_image_size=arguments.clip_image_size)
+    return MaftProcessor(image_processor, load_clip_tokenizer())
 
 
 def random_image(size: int) -> Image.Image:
@@ -326,10 +327,13 @@ def time_model(arguments, compiled: bool) -> dict:
     or compiled (first call, which compiles, reported apart)."""
     from maft import MaftModel
 
-    config = model_config(arguments, use_distillation_teacher=False)
+    config = model_config(arguments)
     torch.manual_seed(0)
     base_model = MaftModel(config).eval()
-    inputs = make_processor(config, arguments.image_size)(images=random_image(arguments.image_size), text=class_names(arguments.classes))
+    processor = make_processor(arguments)
+    with torch.no_grad():  # the vocabulary, encoded once
+        text_embeds = base_model.get_text_embeddings(**processor.tokenize_class_names(class_names(arguments.classes)))
+    inputs = {**processor(images=random_image(arguments.image_size)), "text_embeds": text_embeds}
     rows = []
     for dtype_name in arguments.compile_dtypes if compiled else arguments.model_dtypes:
         model, model_inputs, precision = in_precision(base_model, inputs, DTYPES[dtype_name], arguments)
@@ -383,7 +387,7 @@ def time_ipclip(arguments) -> dict:
     config = model_config(arguments)
     torch.manual_seed(0)
     base_model = MaftClipVisionModel(config.vision_config).eval()
-    pixel_values = torch.randn(1, 3, config.clip_image_size, config.clip_image_size)
+    pixel_values = torch.randn(1, 3, arguments.clip_image_size, arguments.clip_image_size)
     masks = random_blob_masks(arguments.proposals)
     rows = []
     for dtype_name in arguments.model_dtypes:
@@ -399,40 +403,44 @@ def time_ipclip(arguments) -> dict:
                 synchronize(arguments.device)
 
             rows.append({"method": method, "dtype": dtype_name, **timed_calls(run, arguments.repeats, arguments.device)})
-    return {"passed": all("error" not in row for row in rows), "clip_image_size": config.clip_image_size, "rows": rows}
+    return {"passed": all("error" not in row for row in rows), "clip_image_size": arguments.clip_image_size, "rows": rows}
 
 
-def training_batch(arguments, config):
+def training_batch(arguments, config, model):
+    """A batch of one random image and label map on the device, and the vocabulary's text embeddings."""
     from maft.training import MaftTrainingCollator
 
     rng = np.random.default_rng(0)
     label = rng.integers(0, arguments.classes, (arguments.image_size, arguments.image_size)) // 40 * 40 % arguments.classes
     example = {"image": random_image(arguments.image_size), "label": label.astype(np.int64)}
-    collator = MaftTrainingCollator(make_processor(config, arguments.image_size), class_names(arguments.classes))
-    return collator([example]).to(arguments.device)
+    processor = make_processor(arguments)
+    tokens = processor.tokenize_class_names(class_names(arguments.classes))
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(**{name: value.to(arguments.device) for name, value in tokens.items()})
+    return MaftTrainingCollator(processor)([example]).to(arguments.device), text_embeds
 
 
 def train_steps(arguments, stage: str, steps: int) -> dict:
-    """`steps` optimizer steps of training stage `stage` ("proposals" or "maft") in bfloat16 autocast."""
+    """`steps` optimizer steps of training stage `stage` ("proposals" or "maft") with its recipe, in bfloat16 autocast."""
     from maft import MaftModel
+    from maft.training import get_recipe
 
-    config = model_config(arguments, training_stage=stage)
+    config = model_config(arguments)
     torch.manual_seed(0)
     model = MaftModel(config).to(arguments.device)
-    if stage == "maft":
-        model.apply_mask_aware_finetuning_recipe()
-    else:
-        model.apply_proposal_training_recipe()
-    model.train()
-    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-5)
-    batch = training_batch(arguments, config)
+    recipe = get_recipe(stage)
+    recipe.apply_to(model)
+    stage_loss = recipe.training_loss(model)
+    optimizer = recipe.optimizer(model)
+    batch, text_embeds = training_batch(arguments, config, model)
+    recipe.set_training_modes(model)
     losses, seconds = [], []
     if arguments.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         started = time.perf_counter()
         with torch.autocast(arguments.device, dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            loss = sum(stage_loss(model, batch, text_embeds).values())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

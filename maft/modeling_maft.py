@@ -421,8 +421,8 @@ class MaftPixelDecoderLayer(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.feature_size)
         self.dropout = nn.Dropout(config.encoder_dropout)
 
-    def forward(self, hidden_states, position_embeddings, reference_points, spatial_shapes, level_start_index):
-        attended = self.self_attn(hidden_states + position_embeddings, reference_points, hidden_states, spatial_shapes, level_start_index)
+    def forward(self, hidden_states, position_embeddings, reference_points, spatial_shapes: list[tuple[int, int]]):
+        attended = self.self_attn(hidden_states + position_embeddings, reference_points, hidden_states, spatial_shapes)
         hidden_states = self.norm1(hidden_states + self.dropout(attended))
         feed_forward = self.linear2(self.dropout(F.relu(self.linear1(hidden_states))))
         return self.norm2(hidden_states + self.dropout(feed_forward))
@@ -473,8 +473,6 @@ class MaftPixelDecoder(nn.Module):
     def _decode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         projected = [projection(feature) for projection, feature in zip(self.input_projections, features[:0:-1])]
         spatial_shapes = [tuple(feature.shape[-2:]) for feature in projected]
-        shapes_tensor = torch.as_tensor(spatial_shapes, dtype=torch.long, device=features[0].device)
-        level_start_index = torch.cat([shapes_tensor.new_zeros(1), shapes_tensor.prod(1).cumsum(0)[:-1]])
         hidden_states = torch.cat([feature.flatten(2).transpose(1, 2) for feature in projected], dim=1)
         position_embeddings = torch.cat(
             [
@@ -485,7 +483,7 @@ class MaftPixelDecoder(nn.Module):
         )
         reference_points = self.reference_points(spatial_shapes, hidden_states.device).to(hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, reference_points, shapes_tensor, level_start_index)
+            hidden_states = layer(hidden_states, position_embeddings, reference_points, spatial_shapes)  # Python ints: no host sync
 
         batch_size = hidden_states.shape[0]
         multi_scale_features = [

@@ -24,7 +24,7 @@ TINY_CONFIG = {
     "feature_size": 32, "mask_feature_size": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
     "encoder_feedforward_dim": 16, "context_attention_dim": 16, "context_attention_heads": 2, "hidden_dim": 32,
     "num_queries": 4, "decoder_layers": 1, "decoder_attention_heads": 2, "decoder_feedforward_dim": 16,
-    "class_embed_hidden_dim": 16, "projection_dim": 16, "clip_image_size": 32, "prompt_templates": ["a photo of a {}."],
+    "class_embed_hidden_dim": 16, "projection_dim": 16,
 }
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +49,7 @@ def test_gpu_check_runs_every_step_with_the_cpu_kernel(tmp_path):
         "--device", "cpu", "--image-size", "64", "--batch-size", "2", "--classes", "3", "--proposals", "4",
         "--repeats", "1", "--dtypes", "float32", "bfloat16", "--model-dtypes", "float32", "bfloat16",
         "--model-precision", "autocast", "--compile-dtypes", "float32", "--compile-backend", "eager",
-        "--model-config", json.dumps(TINY_CONFIG), "--tests", str(Path(__file__).relative_to(REPO_ROOT)),
+        "--clip-image-size", "32", "--model-config", json.dumps(TINY_CONFIG), "--tests", str(Path(__file__).relative_to(REPO_ROOT)),
         out=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
