@@ -226,3 +226,42 @@ def test_a_hub_that_dies_mid_run_is_reported_at_the_end(tmp_path, hub_server, mo
     assert checkpoint_names(tmp_path) == ["checkpoint-2"]
     summary = capsys.readouterr().err
     assert "maft: published to user/maft-dies: nothing; not published: step 2 (failed 1 times (" in summary
+
+
+SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    import time
+    sys.path.insert(0, {tests!r})
+    from accelerate import Accelerator
+    from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+    from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
+
+    save_state = Accelerator.save_state
+
+    def slow_on_the_second_process(self, *args, **kwargs):
+        if self.process_index == 1:
+            time.sleep(3)
+        return save_state(self, *args, **kwargs)
+
+    Accelerator.save_state = slow_on_the_second_process
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=1, max_steps=1, learning_rate=1e-3)
+    processor = tiny_processor()
+    train(tiny_model(), processor, synthetic_dataset(), MaftTrainingCollator(processor), CLASS_NAMES,
+          MaftTrainingArguments(output_dir={output_dir!r}, recipe=recipe, save_steps=1))
+""")
+
+
+def test_a_slow_process_is_waited_for_before_a_checkpoint_counts_as_complete(tmp_path):
+    script = tmp_path / "train_two.py"
+    script.write_text(SLOW_SECOND_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), output_dir=str(tmp_path / "out")))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", str(script)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert checkpoint_names(tmp_path / "out") == ["checkpoint-1"] and not (tmp_path / "out" / "checkpoint-1.partial").exists()
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {path.name for path in checkpoint.iterdir()}
+    assert checkpoint_problem(checkpoint) is None
