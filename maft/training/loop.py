@@ -168,9 +168,9 @@ def train(
     if arguments.trackers:
         accelerator.init_trackers("maft", config={"stage": recipe.stage, **training_settings(arguments)})
 
+    publisher = open_publisher(accelerator, arguments) if arguments.push_to_hub else None
     store = CheckpointStore(accelerator, output_dir, arguments.save_total_limit)
     step = resume_step(store, model) if arguments.resume else 0
-    publisher = open_publisher(accelerator, arguments) if arguments.push_to_hub else None
     batches_per_step = arguments.gradient_accumulation_steps
     samples_per_step = recipe.batch_size * batches_per_step * accelerator.num_processes
     progress = tqdm(total=recipe.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
