@@ -32,13 +32,23 @@ class Repository:
 
 class LocalHubServer:
     """Serves model repositories kept in memory. `start()` binds a free port; `stop()` closes the socket, after which
-    clients get connection errors, as when the Hub is unreachable."""
+    clients get connection errors, as when the Hub is unreachable; `pause()` keeps accepting connections but answers
+    nothing until `unpause()`, as a Hub that hangs. With `token`, writes need `Authorization: Bearer <token>` (else 401)."""
 
-    def __init__(self):
+    def __init__(self, token: str | None = None):
         self.repositories: dict[str, Repository] = {}
         self.unknown_requests: list[str] = []
+        self.token = token
+        self.answering = threading.Event()
+        self.answering.set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+
+    def pause(self) -> None:
+        self.answering.clear()
+
+    def unpause(self) -> None:
+        self.answering.set()
 
     @property
     def endpoint(self) -> str:
@@ -56,6 +66,7 @@ class LocalHubServer:
         return self
 
     def stop(self) -> None:
+        self.answering.set()  # requests held by `pause` end, so that the server can shut down
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -90,6 +101,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = urlparse(self.path).path
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server_hub.answering.wait()
+        token = self.server_hub.token
+        if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+            return self.send_json(401, {"error": "Invalid credentials in Authorization header"})
         if path == "/api/repos/create":
             return self.create_repo(json.loads(body))
         if path == "/api/validate-yaml":  # model-card metadata check before an upload; this stand-in accepts all
@@ -108,6 +123,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def route_read(self, send_body: bool) -> None:
         path = unquote(urlparse(self.path).path)
+        self.server_hub.answering.wait()
         if path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: an empty one
             return self.send_json(200, {"standardEnvVars": [], "harnesses": {}})
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):

@@ -1,13 +1,12 @@
 """Training with the Accelerate loop on a tiny model and synthetic data."""
 
-import logging
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from helpers import CLASS_NAMES, random_image, save_training_inputs, synthetic_dataset, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, random_image, save_training_inputs, synthetic_dataset, tiny_config, tiny_model, tiny_processor
 from maft import MaftModel
 from maft.training import (
     MASK_AWARE_FINE_TUNING_RECIPE,
@@ -21,6 +20,7 @@ from maft.training import (
     trainer_arguments,
 )
 from maft.training import loop as train_module
+from maft.training.checkpoints import checkpoint_problem
 from maft.training.augmentation import AugmentationConfig
 from maft.training.collator import EpochIndexedDataset
 
@@ -28,8 +28,9 @@ from maft.training.collator import EpochIndexedDataset
 SMALL_CROPS = AugmentationConfig(short_sides=(64, 96), crop_size=64)
 
 
-def run(tmp_path, model=None, augmentation=None, resume=False, push_to_hub=False, **run_settings):
-    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=run_settings.pop("batch_size", 2), max_steps=run_settings.pop("max_steps", 4),
+def run(tmp_path, model=None, augmentation=None, resume=False, push_to_hub=False, recipe=MASK_AWARE_FINE_TUNING_RECIPE,
+        **run_settings):
+    recipe = recipe.replace(batch_size=run_settings.pop("batch_size", 2), max_steps=run_settings.pop("max_steps", 4),
                                                    learning_rate=1e-3)
     arguments = MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, resume=resume, push_to_hub=push_to_hub,
                                       **{"save_steps": 2, **run_settings})
@@ -150,6 +151,17 @@ def test_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkeypatc
     torch.testing.assert_close(loaded.ip_clip.post_layernorm.weight, resumed.ip_clip.post_layernorm.weight)
 
 
+def test_stage_one_resume_with_dropout_equals_a_straight_run(tmp_path, monkeypatch):
+    # dropout in the pixel decoder and the context interaction: the global RNG must be where the straight run had it
+    assert tiny_config().encoder_dropout > 0 and tiny_config().context_dropout > 0
+    overrides = {"recipe": PROPOSAL_GENERATOR_RECIPE, "batch_size": 1, "max_steps": 4, "save_steps": 2}
+    straight = run(tmp_path / "straight", **overrides)
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, **overrides)
+    assert [path.name for path in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2", "checkpoint-4"]
+    assert_same_weights(resumed, straight)
+    assert not torch.equal(straight.decoder.class_embed.layers[0].weight, tiny_model().decoder.class_embed.layers[0].weight)
+
+
 def test_resume_with_augmentation_equals_a_straight_run(tmp_path, monkeypatch):
     # batches of 1: the run stops in the middle of epoch 0 (after 3 of its 4 batches), and resumed goes on into epoch 1
     overrides = {"augmentation": SMALL_CROPS, "batch_size": 1, "max_steps": 6, "save_steps": 3}
@@ -187,15 +199,6 @@ def test_checkpoints_are_published_to_the_hub_with_a_model_card(tmp_path, hub_se
     assert isinstance(MaftModel.from_pretrained("user/maft-trained"), MaftModel)
 
 
-def test_a_dead_hub_does_not_stop_training(tmp_path, hub_server, caplog):
-    hub_server.stop()
-    with caplog.at_level(logging.WARNING, logger="maft.training"):
-        run(tmp_path, push_to_hub=True, hub_model_id="user/unreachable", hub_upload_retries=1)
-    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
-    assert (tmp_path / "checkpoint-4" / "model" / "model.safetensors").is_file()
-    assert "upload of" in caplog.text and "user/unreachable" in caplog.text
-
-
 def test_arguments_and_recipes_are_checked():
     with pytest.raises(ValueError, match="`stage` must be one of proposals, maft"):
         get_recipe("clip")
@@ -230,6 +233,7 @@ def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_pat
 
 @pytest.mark.parametrize("stage", ["maft", "proposals"])
 def test_accelerate_launch_with_two_processes(tmp_path, stage):
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -238,16 +242,20 @@ def test_accelerate_launch_with_two_processes(tmp_path, stage):
 
     save_training_inputs(tmp_path)
     accelerate = Path(sys.executable).with_name("accelerate")
+    # `--cpu --num_processes 2` starts one process; two CPU processes are "multi_gpu" with ACCELERATE_USE_CPU (gloo)
     result = subprocess.run(
-        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "maft.cli", "train", "--train-dataset", str(tmp_path / "data"),
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "maft.cli", "train", "--train-dataset", str(tmp_path / "data"),
          "--class-names", ", ".join(CLASS_NAMES), "--init-from", str(tmp_path / "init"), "--output-dir", str(tmp_path / "out"),
          "--stage", stage, "--crop-size", "64", "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "1",
          "--learning-rate", "1e-3"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [path.name for path in complete_checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in complete_checkpoints(tmp_path / "out"):  # both ranks ran and saved their state
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {path.name for path in checkpoint.iterdir()}
+        assert checkpoint_problem(checkpoint) is None
     before, after = load_file(tmp_path / "init" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     changed = {name for name, tensor in after.items() if not torch.equal(tensor, before[name])}
     trained = ("ip_clip.",) if stage == "maft" else ("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")

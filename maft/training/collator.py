@@ -1,5 +1,6 @@
 """Batches of segmentation examples -> MaftModel inputs with labels (for the Accelerate loop and `transformers.Trainer`)."""
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,30 +42,48 @@ class MaftTrainingCollator:
     With `augmentation`, each example is augmented first (DESIGN.md §4): from a generator seeded with `seed` and the
     example's `EXAMPLE_KEY` when it has one (`EpochIndexedDataset`, as `train` uses), else from one generator seeded
     with `seed` for all examples. `label_ignore_index`, when the dataset marks unlabelled pixels with another value
-    than the processor (e.g. 65535 in 16-bit label maps), is mapped to the processor's.
+    than the processor (e.g. 65535 in 16-bit label maps), is mapped to the processor's. With `num_classes`, a label
+    outside `0..num_classes - 1` (and not the ignore index) raises a ValueError naming the example.
     """
 
     def __init__(self, processor: MaftProcessor, do_resize: bool = False, image_column: str = "image",
                  label_column: str = "label", augmentation: AugmentationConfig | None = None, seed: int = 0,
-                 label_ignore_index: int | None = None):
+                 label_ignore_index: int | None = None, num_classes: int | None = None):
         self.processor, self.do_resize = processor, do_resize
         self.image_column, self.label_column = image_column, label_column
         self.augmentation, self.seed, self.rng = augmentation, seed, np.random.default_rng(seed)
-        self.label_ignore_index = label_ignore_index
+        self.label_ignore_index, self.num_classes = label_ignore_index, num_classes
+
+    def checking_labels(self, num_classes: int) -> "MaftTrainingCollator":
+        """This collator, checking labels against a vocabulary of `num_classes` classes."""
+        checking = copy.copy(self)
+        checking.num_classes = num_classes
+        return checking
 
     def example_rng(self, example: dict) -> np.random.Generator:
         """The generator of one example's augmentation."""
         return np.random.default_rng([self.seed, *example[EXAMPLE_KEY]]) if EXAMPLE_KEY in example else self.rng
+
+    def check_label(self, label: np.ndarray, example: dict, ignore_index: int) -> None:
+        values = np.unique(label)
+        wrong = values[((values < 0) | (values >= self.num_classes)) & (values != ignore_index)]
+        if wrong.size:
+            where = f"Training example {example[EXAMPLE_KEY][1]}" if EXAMPLE_KEY in example else "A training example"
+            raise ValueError(f"{where} has label values {wrong[:10].tolist()} outside the vocabulary: labels must be class "
+                             f"indices 0..{self.num_classes - 1} or the ignore index {ignore_index}.")
 
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
         missing = {self.image_column, self.label_column} - set(examples[0])
         if missing:
             raise KeyError(f"Training examples need the columns {sorted(missing)}; they have {sorted(examples[0])}.")
         images = [example[self.image_column] for example in examples]
-        labels = [example[self.label_column] for example in examples]
+        labels = [to_label_array(example[self.label_column]) for example in examples]
         ignore_index = self.processor.image_processor.ignore_index
         if self.label_ignore_index not in (None, ignore_index):
-            labels = [np.where(label == self.label_ignore_index, ignore_index, label) for label in map(to_label_array, labels)]
+            labels = [np.where(label == self.label_ignore_index, ignore_index, label) for label in labels]
+        if self.num_classes is not None:
+            for label, example in zip(labels, examples):
+                self.check_label(label, example, ignore_index)
         if self.augmentation is not None:
             pairs = [
                 augment(to_rgb_array(image), to_label_array(label), self.example_rng(example), self.augmentation, ignore_index)

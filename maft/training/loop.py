@@ -1,9 +1,9 @@
-"""The Accelerate training loop of MAFT (DESIGN.md §4): checkpoints that survive interruption, exact resumption, and
-checkpoints published to the Hub in the background."""
+"""The Accelerate training loop of MAFT (DESIGN.md §4): exact resumption, checkpoints that survive interruption
+(signals, a crash, a full disk, another process being slow), and checkpoints published to the Hub in the background."""
 
 import logging
-import os
-import shutil
+import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -12,87 +12,106 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import validate_repo_id
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..modeling_maft import MaftClipVisionModel, MaftModel
 from ..processing_maft import MaftProcessor
+from .checkpoints import CheckpointStore, complete_checkpoints
 from .collator import EpochIndexedDataset, MaftTrainingCollator
+from .publishing import HubPublisher
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, TrainingRecipe
 
 
 logger = logging.getLogger("maft.training")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 @dataclass
 class MaftTrainingArguments:
     """How a run goes (where it writes, how often it saves and logs, where it publishes); how it trains is the
-    `recipe`'s (`maft.training.recipes`). `base_model` and `dataset_name` (what training started from and ran on) only
-    go into the model cards of the checkpoints."""
+    `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all).
+    `hub_timeout` bounds every Hub request, in seconds; at the end of training the last upload is waited for at most
+    `hub_timeout * hub_upload_retries` seconds. Every `logging_steps`, the losses, learning rate and samples per
+    second go to the console and to `trackers` (Accelerate's: names such as "tensorboard", or tracker objects). `base_model` and `dataset_name` (what training started from and ran
+    on) only go into the model cards of the checkpoints."""
 
     output_dir: str
     recipe: TrainingRecipe = MASK_AWARE_FINE_TUNING_RECIPE
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     save_steps: int = 100
+    save_total_limit: int | None = 3
     logging_steps: int = 10
     resume: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_upload_retries: int = 3
-    trackers: list[str] = field(default_factory=list)
+    hub_timeout: float = 60.0
+    trackers: list[str | GeneralTracker] = field(default_factory=list)
     base_model: str | None = None
     dataset_name: str | None = None
 
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` (e.g. 'your-name/maft-coco').")
-        for name in ("save_steps", "logging_steps", "gradient_accumulation_steps"):
+        if self.push_to_hub:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except ValueError as error:
+                raise ValueError(f"`hub_model_id` {self.hub_model_id!r} is not a Hub repo id ('name' or 'namespace/name'"
+                                 f" of letters, digits, '-', '_', '.'): {error}") from error
+        for name in ("save_steps", "logging_steps", "gradient_accumulation_steps", "hub_upload_retries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"`save_total_limit` must be at least 1 (or None to keep every checkpoint), got {self.save_total_limit}.")
+        if self.hub_timeout <= 0:
+            raise ValueError(f"`hub_timeout` must be positive (seconds), got {self.hub_timeout}.")
 
 
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints, oldest first. One being written is `checkpoint-N.partial` until it is complete."""
-    directory = Path(output_dir)
-    checkpoints = [path for path in directory.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()]
-    return sorted(checkpoints, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
+def announce(message: str) -> None:
+    """A line for the person running training, on the main process, visible without any logging set up."""
+    if PartialState().is_main_process:
+        tqdm.write(message, file=sys.stderr)
 
 
-class HubPublisher:
-    """Uploads folders to a Hub repo from a background thread, retrying failures; a failure is logged, never raised,
-    so that training goes on and local checkpoints stay the source of truth."""
+class StopOnSignal:
+    """
+    While training, SIGINT and SIGTERM ask the loop to stop after the current step: it writes a checkpoint and
+    `train` exits with 128 + the signal number (130, 143). A second signal stops at once (KeyboardInterrupt).
+    Handlers are installed only from the main thread (Python delivers signals there).
+    """
 
-    def __init__(self, repo_id: str, retries: int):
-        from huggingface_hub import HfApi
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-        self.api, self.repo_id, self.retries = HfApi(), repo_id, retries
-        self.failures: list[str] = []
-        self._thread: threading.Thread | None = None
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
 
-    def publish(self, folder: Path, message: str) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._upload, args=(folder, message), daemon=True)
-        self._thread.start()
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
 
-    def _upload(self, folder: Path, message: str) -> None:
-        for attempt in range(1, self.retries + 1):
-            try:
-                self.api.create_repo(self.repo_id, exist_ok=True)
-                self.api.upload_folder(folder_path=folder, repo_id=self.repo_id, commit_message=message)
-                return
-            except Exception as error:  # any failure of the network or the Hub must not stop training
-                logger.warning("maft: upload of %s to %s failed (attempt %d/%d): %s", folder, self.repo_id, attempt, self.retries, error)
-                time.sleep(min(2**attempt, 10) * 0.1)
-        self.failures.append(message)
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def requested(self, accelerator: Accelerator) -> int | None:
+        """The signal received by any process (all stop together: saving a checkpoint takes every process)."""
+        if accelerator.num_processes == 1:
+            return self.received
+        received = accelerator.reduce(torch.tensor([self.received or 0], device=accelerator.device), reduction="max")
+        return int(received.item()) or None
 
 
 def train(
@@ -107,12 +126,18 @@ def train(
     """
     Trains `model` with `arguments.recipe` on `train_dataset` (a map-style dataset whose items `collate_fn` turns into
     `MaftModel` inputs with `labels`, class indices into `class_names`). Stage 2 distils from `teacher`, by default
-    a frozen copy of the model's IP-CLIP as given. Runs unchanged under `accelerate launch`. Checkpoints every
-    `save_steps` with `Accelerator.save_state`; with `resume=True` continues from the newest complete checkpoint
-    exactly (a `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the
-    example's index).
+    a frozen copy of the model's IP-CLIP as given. Runs unchanged under `accelerate launch`.
+
+    Checkpoints every `save_steps` (`CheckpointStore`); with `resume=True` continues exactly from the newest sound
+    checkpoint (a `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the
+    example's index), skipping damaged ones with a warning. SIGINT / SIGTERM finish the step, write a checkpoint and
+    raise `SystemExit(130 / 143)`. With `push_to_hub`, Hub access is checked before step 1 (PermissionError or
+    ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`). Labels outside `class_names`
+    raise a ValueError naming the example, before it is trained on.
     """
     recipe, output_dir = arguments.recipe, Path(arguments.output_dir)
+    if len(train_dataset) == 0:
+        raise ValueError("The training set is empty: give a dataset with at least one example (image and label).")
     accelerator = Accelerator(
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
         mixed_precision=arguments.mixed_precision,
@@ -128,7 +153,11 @@ def train(
     scheduler = recipe.lr_scheduler(optimizer)
     if isinstance(collate_fn, MaftTrainingCollator):  # augmentation seeded per example, so resumption stays exact
         train_dataset = EpochIndexedDataset(train_dataset)
-    loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
+        collate_fn = collate_fn.checking_labels(len(class_names))
+    # The loader's own generator: creating an iterator draws a seed from it, which would otherwise advance the global
+    # RNG that dropout uses, once more on resume (in `skip_first_batches`) than in a run without interruption.
+    loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True,
+                        generator=torch.Generator().manual_seed(recipe.seed))
     if len(loader) == 0:
         raise ValueError(f"The training set ({len(train_dataset)} items) is smaller than one batch ({recipe.batch_size}).")
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -139,50 +168,113 @@ def train(
     if arguments.trackers:
         accelerator.init_trackers("maft", config={"stage": recipe.stage, **training_settings(arguments)})
 
-    step = 0
-    if arguments.resume and complete_checkpoints(output_dir):
-        checkpoint = complete_checkpoints(output_dir)[-1]
-        accelerator.load_state(str(checkpoint))
-        step = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
-        logger.info("maft: resumed from %s", checkpoint)
-    publisher = HubPublisher(arguments.hub_model_id, arguments.hub_upload_retries) if arguments.push_to_hub else None
+    publisher = open_publisher(accelerator, arguments) if arguments.push_to_hub else None
+    store = CheckpointStore(accelerator, output_dir, arguments.save_total_limit)
+    step = resume_step(store, model) if arguments.resume else 0
     batches_per_step = arguments.gradient_accumulation_steps
+    samples_per_step = recipe.batch_size * batches_per_step * accelerator.num_processes
     progress = tqdm(total=recipe.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     recipe.set_training_modes(accelerator.unwrap_model(model))
-    while step < recipe.max_steps:
-        epoch, batches_done = divmod(step * batches_per_step, len(loader))
-        loader.set_epoch(epoch)
-        if isinstance(train_dataset, EpochIndexedDataset):
-            train_dataset.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                losses = stage_loss(model, batch, text_embeds)
-                loss = sum(losses.values())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.gradient_clip_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            losses = {name: value.item() for name, value in losses.items()}
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % arguments.logging_steps == 0:
-                accelerator.log({"loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0], **losses}, step=step)
-            if step % arguments.save_steps == 0 or step == recipe.max_steps:
-                card = training_model_card(arguments, step, losses) if accelerator.is_main_process else None
-                save_checkpoint(accelerator, model, processor, output_dir, step, publisher, card)
-            if step >= recipe.max_steps:
-                break
+    last_log = (step, time.perf_counter())
+    with StopOnSignal() as stop:
+        while step < recipe.max_steps:
+            epoch, batches_done = divmod(step * batches_per_step, len(loader))
+            loader.set_epoch(epoch)
+            if isinstance(train_dataset, EpochIndexedDataset):
+                train_dataset.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    losses = stage_loss(model, batch, text_embeds)
+                    loss = sum(losses.values())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.gradient_clip_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                losses = {name: value.item() for name, value in losses.items()}
+                learning_rate = scheduler.get_last_lr()[0]
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{learning_rate:.2e}")
+                if step % arguments.logging_steps == 0:
+                    elapsed = time.perf_counter() - last_log[1]
+                    record = {"loss": loss.item(), **losses, "learning_rate": learning_rate,
+                              "samples_per_second": (step - last_log[0]) * samples_per_step / max(elapsed, 1e-9)}
+                    accelerator.log(record, step=step)
+                    if accelerator.is_main_process:
+                        progress.write(f"step {step}/{recipe.max_steps}: " + ", ".join(
+                            f"{name} {value:.3g}" if name != "learning_rate" else f"{name} {value:.2e}" for name, value in record.items()))
+                    last_log = (step, time.perf_counter())
+                signal_number = stop.requested(accelerator)
+                if step % arguments.save_steps == 0 or step == recipe.max_steps or signal_number:
+                    card = training_model_card(arguments, step, losses) if accelerator.is_main_process else None
+                    checkpoint = save_checkpoint(store, model, processor, step, card, publisher)
+                if signal_number:
+                    progress.close()
+                    stop_after_signal(signal_number, step, checkpoint, publisher, arguments)
+                if step >= recipe.max_steps:
+                    break
     progress.close()
-    if publisher is not None:
-        publisher.wait()
+    finish_publishing(publisher, arguments)
     accelerator.end_training()
     return accelerator.unwrap_model(model)
+
+
+def resume_step(store: CheckpointStore, model) -> int:
+    """Loads the newest sound checkpoint, saying which ones were skipped and why; the step to go on from."""
+    checkpoint, problems = store.newest_sound()
+    for problem in problems:
+        announce(f"maft: WARNING: skipping a damaged checkpoint: {problem}")
+    if checkpoint is None:
+        announce(f"maft: WARNING: resume requested but {store.output_dir} has no sound checkpoint: starting from step 0")
+        return 0
+    step = store.load(model, checkpoint)
+    announce(f"maft: resumed from {checkpoint.name} at step {step}")
+    return step
+
+
+def open_publisher(accelerator: Accelerator, arguments: MaftTrainingArguments) -> HubPublisher | None:
+    """The main process's publisher, once the Hub repo is known to be writable; every process raises if it is not."""
+    publisher, failure = None, [None]
+    if accelerator.is_main_process:
+        publisher = HubPublisher(arguments.hub_model_id, arguments.hub_upload_retries, arguments.hub_timeout)
+        try:
+            publisher.check_access()
+        except (PermissionError, ConnectionError) as error:
+            failure = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise failure[0]
+    return publisher
+
+
+def save_checkpoint(store: CheckpointStore, model, processor: MaftProcessor, step: int, card: ModelCard | None,
+                    publisher: HubPublisher | None) -> Path:
+    """Writes the checkpoint of `step` and queues it for the Hub."""
+    protected = publisher.folders_in_use() if publisher is not None else set()
+    checkpoint = store.save(model, processor, step, card, protected)
+    if publisher is not None:
+        publisher.publish(step, checkpoint / "model")
+    return checkpoint
+
+
+def finish_publishing(publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+    if publisher is not None:
+        announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
+
+
+def stop_after_signal(signal_number: int, step: int, checkpoint: Path, publisher: HubPublisher | None,
+                      arguments: MaftTrainingArguments) -> None:
+    finish_publishing(publisher, arguments)
+    name = signal.Signals(signal_number).name
+    announce(f"maft: stopped by {name} after step {step}; the training state is in {checkpoint}. "
+             f"To go on, run the same command with --resume (train(..., resume=True)) and output dir {arguments.output_dir}.")
+    raise SystemExit(128 + signal_number)
 
 
 def train_from_pretrained(
@@ -243,28 +335,6 @@ def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dic
     if arguments.dataset_name:
         metadata["datasets"] = [arguments.dataset_name]
     return maft_model_card(name, text, **metadata)
-
-
-def save_checkpoint(accelerator: Accelerator, model, processor, output_dir: Path, step: int, publisher: HubPublisher | None,
-                    card: ModelCard | None = None) -> None:
-    """`checkpoint-{step}`: the training state (to resume) and a `save_pretrained` model and processor with `card` as
-    README.md (to use or publish). Written as `.partial` and renamed when complete, so an interrupted write never looks complete."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = output_dir / f"{CHECKPOINT_PREFIX}{step}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(partial / "model")
-        processor.save_pretrained(partial / "model")
-        if card is not None:
-            card.save(partial / "model" / "README.md")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        if publisher is not None:
-            publisher.publish(final / "model", f"Training step {step}")
-    accelerator.wait_for_everyone()
 
 
 __all__ = ["MaftTrainingArguments", "complete_checkpoints", "train", "train_from_pretrained"]

@@ -1,0 +1,267 @@
+"""Training under faults: damaged checkpoints, signals, a full disk, bad data, a Hub that refuses, dies or hangs."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.tracking import GeneralTracker
+
+from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
+from maft.training.checkpoints import MANIFEST_NAME, checkpoint_problem
+from maft.training.publishing import HubPublisher
+
+
+def run_tiny(output_dir, dataset=None, max_steps=2, **run_settings):
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=2, max_steps=max_steps, learning_rate=1e-3)
+    arguments = MaftTrainingArguments(output_dir=str(output_dir), recipe=recipe, **{"save_steps": 1, **run_settings})
+    processor = tiny_processor()
+    return train(tiny_model(), processor, synthetic_dataset() if dataset is None else dataset, MaftTrainingCollator(processor),
+                 CLASS_NAMES, arguments)
+
+
+def checkpoint_names(output_dir) -> list[str]:
+    return [path.name for path in complete_checkpoints(output_dir)]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_file(tmp_path, capsys):
+    run_tiny(tmp_path, max_steps=2)
+    damaged = tmp_path / "checkpoint-2" / "model" / "model.safetensors"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size: only reading it finds the damage
+    assert checkpoint_problem(tmp_path / "checkpoint-2").startswith(f"{damaged} does not load")
+    (tmp_path / "checkpoint-3").mkdir()  # a checkpoint some process never finished: no manifest
+    capsys.readouterr()
+    run_tiny(tmp_path, max_steps=2, resume=True)
+    err = capsys.readouterr().err
+    assert f"skipping a damaged checkpoint: {tmp_path / 'checkpoint-3' / MANIFEST_NAME} is missing" in err
+    assert f"skipping a damaged checkpoint: {damaged} does not load" in err
+    assert "resumed from checkpoint-1 at step 1" in err
+    assert checkpoint_problem(tmp_path / "checkpoint-2") is None  # step 2 trained again and saved anew
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    run_tiny(tmp_path, max_steps=1, resume=True)
+    assert f"{tmp_path} has no sound checkpoint: starting from step 0" in capsys.readouterr().err
+    assert checkpoint_names(tmp_path) == ["checkpoint-1"]
+
+
+def test_a_checkpoint_lacking_a_process_file_is_never_complete(tmp_path):
+    run_tiny(tmp_path, max_steps=1)
+    checkpoint = tmp_path / "checkpoint-1"
+    (checkpoint / "random_states_0.pkl").unlink()
+    assert checkpoint_problem(checkpoint) == f"{checkpoint / 'random_states_0.pkl'} is missing"
+
+
+def test_checkpoints_are_limited_to_the_newest_and_hold_the_weights_once(tmp_path):
+    run_tiny(tmp_path, max_steps=4, save_total_limit=2)
+    assert checkpoint_names(tmp_path) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # nothing stale left
+    checkpoint = tmp_path / "checkpoint-4"
+    weight_files = [path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*.safetensors")]
+    assert weight_files == ["model/model.safetensors"]
+    with pytest.raises(ValueError, match="`save_total_limit` must be at least 1"):
+        MaftTrainingArguments(output_dir="x", save_total_limit=0)
+
+
+def test_a_full_disk_is_one_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        saves.append(f)
+        if any("checkpoint-2" in str(path) for path in saves):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(OSError, match="no space left on the device") as raised:
+        run_tiny(tmp_path, max_steps=3)
+    assert raised.value.errno == errno.ENOSPC
+    message = str(raised.value)
+    assert str(tmp_path / "checkpoint-2.partial") in message and f"the newest complete checkpoint is {tmp_path / 'checkpoint-1'}" in message
+    assert "save_total_limit" in message and "\n" not in message
+    assert checkpoint_names(tmp_path) == ["checkpoint-1"] and not (tmp_path / "checkpoint-2.partial").exists()
+
+
+def test_labels_outside_the_vocabulary_name_the_example_and_an_empty_set_is_refused(tmp_path):
+    dataset = synthetic_dataset()
+    dataset[3]["label"] = np.where(dataset[3]["label"] == 1, 7, dataset[3]["label"])
+    with pytest.raises(ValueError, match=r"Training example 3 has label values \[7\] outside the vocabulary: labels must be class "
+                                         r"indices 0\.\.2 or the ignore index 255"):
+        run_tiny(tmp_path / "bad", dataset, max_steps=4, save_steps=100)
+    with pytest.raises(ValueError, match="The training set is empty"):
+        run_tiny(tmp_path / "empty", [])
+
+
+class RecordingTracker(GeneralTracker):
+    name, requires_logging_directory, main_process_only = "recording", False, True
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.configuration = values
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.records.append((step, values))
+
+
+def test_losses_learning_rate_and_throughput_go_to_trackers_and_the_console(tmp_path, capsys):
+    tracker = RecordingTracker()
+    run_tiny(tmp_path, max_steps=4, save_steps=4, logging_steps=2, trackers=[tracker])
+    assert [step for step, _ in tracker.records] == [2, 4]
+    for _, values in tracker.records:
+        assert {"loss", "mask_aware_loss", "distillation_loss", "learning_rate", "samples_per_second"} == set(values)
+        assert values["samples_per_second"] > 0 and np.isfinite(values["loss"])
+    assert tracker.records[1][1]["learning_rate"] == 0.0  # the poly schedule ends at zero
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert "learning_rate 0.00e+00" in lines[1] and "samples_per_second" in lines[1]
+
+
+TRAINING_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+    from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
+
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=2, max_steps=10000, learning_rate=1e-3)
+    processor = tiny_processor()
+    train(tiny_model(), processor, synthetic_dataset(), MaftTrainingCollator(processor), CLASS_NAMES,
+          MaftTrainingArguments(output_dir={output_dir!r}, recipe=recipe, save_steps=10000, logging_steps=1))
+""")
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path, signal_number, exit_code):
+    script = tmp_path / "train_tiny.py"
+    script.write_text(TRAINING_SCRIPT.format(tests=str(Path(__file__).parent), output_dir=str(tmp_path / "out")))
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment)
+    try:
+        deadline = time.monotonic() + 240
+        for line in process.stdout:  # training is under way once step 1 is logged
+            if line.startswith("step 1/") or time.monotonic() > deadline:
+                break
+        process.send_signal(signal_number)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == exit_code, err[-3000:]
+    checkpoints = complete_checkpoints(tmp_path / "out")
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 10000
+    assert f"stopped by {signal.Signals(signal_number).name} after step {step}" in err and "--resume" in err
+
+
+def test_a_rejected_token_or_a_malformed_repo_id_stops_before_step_one(tmp_path, hub_server, monkeypatch):
+    hub_server.token = "hf_local_test_token"
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
+    with pytest.raises(PermissionError, match="Cannot publish to the Hub repo 'user/maft-trained': the token was rejected"):
+        run_tiny(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained")
+    assert checkpoint_names(tmp_path) == [] and "user/maft-trained" not in hub_server.repositories
+    with pytest.raises(ValueError, match="`hub_model_id` 'user/maft/trained' is not a Hub repo id"):
+        MaftTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="user/maft/trained")
+
+
+def test_an_unreachable_hub_stops_before_step_one(tmp_path, hub_server):
+    hub_server.stop()
+    with pytest.raises(ConnectionError, match="Cannot reach the Hub to publish to 'user/unreachable'"):
+        run_tiny(tmp_path, push_to_hub=True, hub_model_id="user/unreachable")
+    assert checkpoint_names(tmp_path) == []
+
+
+def test_a_hanging_hub_never_holds_up_training_and_the_newest_checkpoint_is_sent_after_it(tmp_path, hub_server, monkeypatch, capsys):
+    check_access, publish = HubPublisher.check_access, HubPublisher.publish
+    publish_seconds = []
+
+    def check_then_hang(self):
+        check_access(self)
+        hub_server.pause()  # accepts connections, answers nothing
+
+    def timed_publish(self, step, folder):
+        start = time.perf_counter()
+        publish(self, step, folder)
+        publish_seconds.append(time.perf_counter() - start)
+        if step == 4:  # the Hub comes back once the upload of step 1 has timed out
+            deadline = time.monotonic() + 30
+            while 1 not in self.unpublished and time.monotonic() < deadline:
+                time.sleep(0.05)
+            hub_server.unpause()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_hang)
+    monkeypatch.setattr(HubPublisher, "publish", timed_publish)
+    run_tiny(tmp_path, max_steps=4, push_to_hub=True, hub_model_id="user/maft-hang", hub_timeout=1.0, hub_upload_retries=1)
+    assert len(publish_seconds) == 4 and max(publish_seconds) < 0.5
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("maft: published to")]
+    assert len(summary) == 1
+    assert summary[0].startswith("maft: published to user/maft-hang: ") and "step 4" in summary[0].split("; not published")[0]
+    assert "step 1 (" in summary[0].split("; not published: ")[1]  # sent while the Hub hung: never published
+    assert "step 4 of 4" in hub_server.files("user/maft-hang")["README.md"].decode()
+
+
+def test_a_hub_that_dies_mid_run_is_reported_at_the_end(tmp_path, hub_server, monkeypatch, capsys):
+    check_access = HubPublisher.check_access
+
+    def check_then_die(self):
+        check_access(self)
+        hub_server.stop()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_die)
+    run_tiny(tmp_path, max_steps=2, save_steps=2, push_to_hub=True, hub_model_id="user/maft-dies", hub_upload_retries=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2"]
+    summary = capsys.readouterr().err
+    assert "maft: published to user/maft-dies: nothing; not published: step 2 (failed 1 times (" in summary
+
+
+SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    import time
+    sys.path.insert(0, {tests!r})
+    from accelerate import Accelerator
+    from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+    from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
+
+    save_state = Accelerator.save_state
+
+    def slow_on_the_second_process(self, *args, **kwargs):
+        if self.process_index == 1:
+            time.sleep(3)
+        return save_state(self, *args, **kwargs)
+
+    Accelerator.save_state = slow_on_the_second_process
+    recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=1, max_steps=1, learning_rate=1e-3)
+    processor = tiny_processor()
+    train(tiny_model(), processor, synthetic_dataset(), MaftTrainingCollator(processor), CLASS_NAMES,
+          MaftTrainingArguments(output_dir={output_dir!r}, recipe=recipe, save_steps=1))
+""")
+
+
+def test_a_slow_process_is_waited_for_before_a_checkpoint_counts_as_complete(tmp_path):
+    script = tmp_path / "train_two.py"
+    script.write_text(SLOW_SECOND_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), output_dir=str(tmp_path / "out")))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", str(script)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert checkpoint_names(tmp_path / "out") == ["checkpoint-1"] and not (tmp_path / "out" / "checkpoint-1.partial").exists()
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {path.name for path in checkpoint.iterdir()}
+    assert checkpoint_problem(checkpoint) is None
