@@ -116,7 +116,7 @@ RECIPE_OPTIONS = {
     "backbone_lr_multiplier": "backbone_lr_multiplier", "gradient_clip_norm": "gradient_clip_norm",
     "poly_power": "poly_power", "per_device_batch_size": "batch_size", "seed": "seed",
 }
-RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "logging_steps")
+RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "logging_steps", "hub_timeout")
 
 
 def train_command(arguments: argparse.Namespace) -> int:
@@ -143,6 +143,7 @@ def train_command(arguments: argparse.Namespace) -> int:
         output_dir=arguments.output_dir, recipe=recipe, resume=arguments.resume, push_to_hub=arguments.push_to_hub,
         hub_model_id=arguments.hub_model_id, base_model=arguments.init_from,
         dataset_name=arguments.benchmark or arguments.train_dataset,
+        save_total_limit=arguments.save_total_limit or None, trackers=arguments.report_to,
         **{option: getattr(arguments, option) for option in RUN_OPTIONS if getattr(arguments, option) is not None},
     )
     trained = train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
@@ -310,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("seed", int, recipe_help),
         ("gradient-accumulation-steps", int, "default: 1"),
         ("save-steps", int, "checkpoint every N steps; default: 100"),
-        ("logging-steps", int, "default: 10"),
+        ("logging-steps", int, "losses, learning rate and throughput every N steps; default: 10"),
+        ("hub-timeout", float, "seconds before a Hub request is given up; default: 60"),
     ):
         trainer.add_argument(f"--{name}", type=kind, help=help_text)
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    trainer.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints (0: keep all); default: 3")
+    trainer.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER",
+                         help="Accelerate trackers for losses, learning rate and throughput: tensorboard, wandb, ...")
     trainer.set_defaults(handler=train_command)
 
     evaluator = commands.add_parser("evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset")
