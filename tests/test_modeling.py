@@ -304,3 +304,14 @@ def test_non_finite_pixel_values_name_the_image():
     inputs["pixel_values"][1, 0, 5, 5] = float("nan")
     with pytest.raises(ValueError, match=r"`pixel_values` of image\(s\) \[1\] holds NaN or infinite values"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "auto"])
+def test_the_whole_model_compiles_without_graph_breaks(backend):
+    model, processor = tiny_model(deformable_attention_backend=backend), tiny_processor()
+    inputs = processor(images=random_image(64, 64), text=["cat", "dog"])
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(inputs.pop("input_ids"), inputs.pop("attention_mask"))
+        explanation = torch._dynamo.explain(model)(**inputs, text_embeds=text_embeds)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
