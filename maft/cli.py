@@ -8,6 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from .model_loading import MODEL_DTYPES
+
 
 def parse_labels(text: str) -> list[str]:
     """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
@@ -42,7 +44,7 @@ def segment(arguments: argparse.Namespace) -> int:
     from maft.model_loading import load_model_and_processor
     from maft.processing_maft import to_rgb_array
 
-    model, processor = load_model_and_processor(arguments.model, arguments.device)
+    model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
     text_embeds = encode_vocabulary(model, processor, arguments.labels)  # once; a bad vocabulary fails once
     failures = 0
     names = distinct_output_names(arguments.images)
@@ -187,7 +189,7 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     from maft.evaluation import evaluate_on_dataset, format_results_table
     from maft.model_loading import load_model_and_processor
 
-    model, processor = load_model_and_processor(arguments.model, arguments.device)
+    model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
     results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device)
     print(format_results_table(results))
@@ -261,6 +263,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 DEVICE_HELP = "any torch device: cpu, cuda, cuda:1, mps, xpu... (default: cuda if available, else cpu)"
 DEBUG_HELP = "on failure, show the traceback instead of one line"
+DTYPE_HELP = "precision of the model; in half precision the pixel decoder stays float32 (default: float32)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
     segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
     segmenter.add_argument("--device", help=DEVICE_HELP)
+    segmenter.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     segmenter.set_defaults(handler=segment)
 
     trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
@@ -327,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--device", help=DEVICE_HELP)
+    evaluator.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     evaluator.set_defaults(handler=evaluate_command)
 
     converter = commands.add_parser("convert", parents=[common], help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")

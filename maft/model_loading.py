@@ -95,18 +95,26 @@ def check_model(name_or_path: str | os.PathLike) -> None:
         check_hub_model(str(name_or_path))
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def load_model_and_processor(
-    name_or_path: str | os.PathLike | None = None, device: "str | torch.device | None" = None
+    name_or_path: str | os.PathLike | None = None, device: "str | torch.device | None" = None, dtype: str = "float32"
 ) -> "tuple[MaftModel, MaftProcessor]":
-    """(MaftModel in eval mode on `device`, MaftProcessor) from a folder, a Hub id, or (None) the bundled model; the
-    model is checked first (see `check_model_folder`), so a wrong one fails with an error that names the problem."""
+    """(MaftModel in eval mode on `device` in `dtype`, MaftProcessor) from a folder, a Hub id, or (None) the bundled
+    model; the model is checked first (see `check_model_folder`), so a wrong one fails with an error that names the
+    problem. In half precision the pixel decoder stays float32."""
+    import torch
+
     from . import MaftModel, MaftProcessor  # through the package: registers the Auto classes the processor loads with
 
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"the dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
     torch_device = resolve_device(device)
     location = default_model_path() if name_or_path is None else name_or_path
     check_model(location)
     processor = MaftProcessor.from_pretrained(location)
-    model = MaftModel.from_pretrained(location).to(torch_device).eval()
+    model = MaftModel.from_pretrained(location, dtype=getattr(torch, dtype)).to(torch_device).eval()
     return model, processor
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,10 @@ def test_the_collator_maps_a_dataset_ignore_index_to_the_processor_one():
     collator = MaftTrainingCollator(tiny_processor(), label_ignore_index=65535)
     labels = collator([{"image": random_image(32, 32), "label": label}])["labels"][0]
     assert set(labels.unique().tolist()) == {1, 2, 255}
+
+
+def test_segment_in_bfloat16_with_the_bundled_model(tmp_path):
+    examples = Path(__file__).resolve().parents[1] / "maft" / "pretrained" / "examples"
+    assert main(["segment", str(examples / "scene-4.png"), "--labels", "checkered wall, dotted floor", "--dtype", "bfloat16",
+                 "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "scene-4_labels.png").is_file()
