@@ -45,8 +45,10 @@ NORMALIZATION_KEYS = ("image_mean", "image_std", "clip_image_mean", "clip_image_
 # Keys `ImageProcessingMixin` itself writes into saved configurations.
 CONFIG_METADATA_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type", "auto_map"}
 
-# Upper bound on the elements of the class scores resized at once by post-processing (64 MiB of float32).
+# Post-processing resizes the class scores a chunk of at most this many elements at a time (64 MiB of float32), and
+# reduces them over classes in bands of rows of about this many pixels.
 POSTPROCESS_CHUNK_ELEMENTS = 2**24
+POSTPROCESS_BAND_PIXELS = 2**20
 
 
 def to_rgb_array(image: ImageLike, name: str = "image", input_data_format: str | ChannelDimension | None = None) -> np.ndarray:
@@ -478,16 +480,22 @@ def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     `resize_scores(scores, size).argmax(dim=0)` as int32, equal to it (the first class wins ties) without the
-    (C, height, width) map: classes are resized a chunk at a time into a running maximum.
+    (C, height, width) map: classes are resized a chunk at a time, each chunk's maximum (taken a band of rows at a
+    time, to keep its indices small) merged into a running one.
     """
-    classes_per_chunk = max(1, POSTPROCESS_CHUNK_ELEMENTS // (size[0] * size[1]))
+    height, width = size
+    classes_per_chunk = max(1, POSTPROCESS_CHUNK_ELEMENTS // (height * width))
+    rows_per_band = max(1, POSTPROCESS_BAND_PIXELS // width)
     best = torch.full(size, float("-inf"), dtype=scores.dtype, device=scores.device)
     labels = torch.zeros(size, dtype=torch.int32, device=scores.device)
     for start in range(0, scores.shape[0], classes_per_chunk):
-        for offset, class_scores in enumerate(resize_scores(scores[start : start + classes_per_chunk], size)):
-            better = class_scores > best
-            torch.maximum(best, class_scores, out=best)
-            labels.masked_fill_(better, start + offset)
+        resized = resize_scores(scores[start : start + classes_per_chunk], size)
+        for top in range(0, height, rows_per_band):
+            band = slice(top, top + rows_per_band)
+            values, indices = resized[:, band].max(dim=0)
+            better = values > best[band]
+            best[band] = torch.where(better, values, best[band])
+            labels[band] = torch.where(better, indices.int() + start, labels[band])
     return labels
 
 

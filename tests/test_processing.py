@@ -124,6 +124,8 @@ def test_what_each_option_does():
     assert processor(image, size={"shortest_edge": 100})["image_sizes"].tolist() == [[100, 140]]
     assert processor(image, size={"shortest_edge": 100, "longest_edge": 112})["image_sizes"].tolist() == [[80, 112]]
     assert processor(image, clip_image_size=64)["clip_pixel_values"].shape == (1, 3, 64, 64)
+    labels = processor(image, segmentation_maps=np.ones((50, 70), dtype=np.int64), do_resize=False, ignore_index=254)["labels"]
+    assert labels.shape == (1, 64, 96) and labels[0, :50, :70].eq(1).all() and labels[0, 50:].eq(254).all()
     unnormalised = processor(image, do_resize=False, do_normalize=False)["pixel_values"][0, :, :50, :70]
     assert torch.equal(unnormalised, torch.tensor(image).permute(2, 0, 1).float() * np.float32(1 / 255))
     raw = processor(image, do_resize=False, do_normalize=False, do_rescale=False)["pixel_values"][0, :, :50, :70]

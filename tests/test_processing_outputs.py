@@ -35,9 +35,10 @@ def full_label_maps(outputs, target_sizes, mask_stride: int = 4) -> list[torch.T
     return maps
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 5000, 2**24])
-def test_label_maps_equal_the_full_computation_in_any_chunking(chunk_elements, monkeypatch):
+@pytest.mark.parametrize("chunk_elements, band_pixels", [(1, 1), (5000, 300), (2**24, 2**20)])
+def test_label_maps_equal_the_full_computation_in_any_chunking(chunk_elements, band_pixels, monkeypatch):
     monkeypatch.setattr(processing_maft, "POSTPROCESS_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(processing_maft, "POSTPROCESS_BAND_PIXELS", band_pixels)
     outputs = random_outputs(2, 16, 150, (24, 32), [[90, 120], [61, 77]])
     target_sizes = [(143, 211), (40, 33)]  # larger and smaller than the padded input, other aspect ratios
     maps = MaftImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
@@ -47,11 +48,14 @@ def test_label_maps_equal_the_full_computation_in_any_chunking(chunk_elements, m
         assert len(expected.unique()) > 5  # the maps are not trivially constant
 
 
-def test_ties_go_to_the_first_class_as_argmax():
+@pytest.mark.parametrize("chunk_elements", [30, 2**24])
+def test_ties_go_to_the_first_class_as_argmax(chunk_elements, monkeypatch):
+    monkeypatch.setattr(processing_maft, "POSTPROCESS_CHUNK_ELEMENTS", chunk_elements)
     scores = torch.zeros(4, 3, 3)
-    scores[2, 0, 0] = scores[3, 0, 0] = 1.0
+    scores[1, 2, 2] = scores[2, 0, 0] = scores[3, 0, 0] = 1.0
     labels = processing_maft.resized_argmax(scores, (5, 6))
     assert torch.equal(labels.long(), processing_maft.resize_scores(scores, (5, 6)).argmax(0))
+    assert set(labels.unique().tolist()) == {0, 1, 2}
 
 
 def test_segmentation_scores_are_returned_as_mask2former_does():
