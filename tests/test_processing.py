@@ -234,7 +234,7 @@ def test_the_bundled_model_labels_an_image_nearly_alike_alone_and_batched():
         batched_map = processor.post_process_semantic_segmentation(batched, target_sizes=size + [large.size[::-1]])[0]
         return (alone_map == batched_map).float().mean().item()
 
-    assert agreement() >= 0.85
+    assert agreement() >= 0.8
     assert agreement(per_image_clip_view=False) < 0.5
 
 
