@@ -39,10 +39,12 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, class_names: list[
 
 
 def label_map_image(label_map: np.ndarray) -> Image.Image:
-    """A lossless image of class indices: 8-bit for up to 256 classes, 16-bit beyond."""
-    if label_map.max(initial=0) < 256:
-        return Image.fromarray(label_map.astype(np.uint8), mode="L")
-    return Image.fromarray(label_map.astype(np.uint16), mode="I;16")
+    """A lossless image of class indices: 8-bit ("L") for indices up to 255, 16-bit ("I;16", saved as a 16-bit PNG)
+    up to 65535 (A-847, PC-459)."""
+    label_map = np.asarray(label_map)
+    if label_map.size and (label_map.min() < 0 or label_map.max() > 65535):
+        raise ValueError(f"A label map image holds class indices 0-65535, got [{label_map.min()}, {label_map.max()}].")
+    return Image.fromarray(label_map.astype(np.uint8 if label_map.max(initial=0) < 256 else np.uint16))
 
 
 def class_fractions(label_map: np.ndarray, class_names: list[str]) -> dict[str, float]:

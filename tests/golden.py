@@ -67,10 +67,10 @@ def golden_ipclip(tower_prefix: str = "IPCLIP.") -> MaftClipVisionModel:
 
 
 def golden_image_processor() -> MaftImageProcessor:
-    """The golden run rounded every tensor to float16 first, the normalisation constants included."""
+    """The golden run rounded every tensor to float16 first, the normalisation constants (on its 0-255 scale) included."""
     defaults = MaftImageProcessor()
     rounded = {
-        name: torch.tensor(getattr(defaults, name)).half().float().tolist()
+        name: (torch.tensor(getattr(defaults, name), dtype=torch.float64) * 255).half().double().div(255).tolist()
         for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std")
     }
     return MaftImageProcessor(do_resize=False, **rounded)

@@ -53,7 +53,7 @@ def test_inference_matches_the_original():
     assert relative_error(outputs.masks_queries_logits, tensors["infer_pred_masks"]) < 1e-4
     expected_embeds = F.normalize(tensors["infer_ipclip_output"], dim=-1)
     assert relative_error(outputs.proposal_embeds, expected_embeds) < 1e-4
-    scores = MaftImageProcessor().post_process_semantic_segmentation(outputs, return_scores=True)[0]["scores"]
+    scores = MaftImageProcessor().post_process_semantic_segmentation(outputs, return_segmentation_scores=True)[0]["segmentation_scores"]
     assert scores.shape == tensors["infer_sem_seg"].shape
     assert relative_error(scores, tensors["infer_sem_seg"]) < 1e-4
 
@@ -64,7 +64,7 @@ def test_training_losses_match_the_original():
     tensors = golden_tensors()
     images = [tensors[f"train_image_{index}"].numpy() for index in range(2)]
     labels = [tensors[f"train_label_{index}"].numpy() for index in range(2)]
-    inputs = golden_image_processor()(images, segmentation_maps=labels)
+    inputs = golden_image_processor()(images, segmentation_maps=labels, per_image_clip_view=False)
     assert relative_error(inputs["clip_pixel_values"], tensors["train_ipclip_images"]) < 1e-5
     model = golden_model()
     stage_loss = MASK_AWARE_FINE_TUNING_RECIPE.training_loss(model, teacher=golden_ipclip("clip_adapter.clip_model.visual."))

@@ -159,7 +159,7 @@ def test_save_and_load_round_trip_and_auto_classes(tmp_path):
     loaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded_processor, MaftProcessor) and loaded_processor.prompt_templates == TEMPLATES
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), MaftImageProcessor)
-    assert loaded_processor.image_processor.shortest_edge == 64
+    assert loaded_processor.image_processor.size["shortest_edge"] == 64
     inputs = loaded_processor(images=random_image(64, 48), text=["cat", "dog"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).class_queries_logits, model(**inputs).class_queries_logits, rtol=0, atol=0)
@@ -245,12 +245,12 @@ def test_post_processing_by_hand():
         image_sizes = torch.tensor([[10, 13]])
 
     processor = MaftImageProcessor()
-    result = processor.post_process_semantic_segmentation(Outputs, return_scores=True)[0]
+    result = processor.post_process_semantic_segmentation(Outputs, return_segmentation_scores=True)[0]
     probabilities = Outputs.class_queries_logits.softmax(-1)[0, :, :-1]
     masks = torch.nn.functional.interpolate(Outputs.masks_queries_logits, size=(12, 16), mode="bilinear", align_corners=True)
     masks = masks[0, :, :10, :13].sigmoid()
     expected = (probabilities[:, :, None, None] * masks[:, None]).sum(0)
-    torch.testing.assert_close(result["scores"], expected)
+    torch.testing.assert_close(result["segmentation_scores"], expected)
     assert torch.equal(result["segmentation"], expected.argmax(0))
     resized = processor.post_process_semantic_segmentation(Outputs, target_sizes=[(5, 7)])[0]
     assert resized.shape == (5, 7)
