@@ -52,7 +52,7 @@ def decompression_bomb_png(path: Path, side: int = 30000) -> None:
 def inputs(tmp_path_factory) -> Path:
     """A folder holding a tiny MAFT model, a CLIP model, damaged model folders, images, checkpoints and configs."""
     from golden import golden_state_dict
-    from test_modeling import random_image, tiny_model, tiny_processor
+    from helpers import random_image, tiny_model, tiny_processor
     from transformers import CLIPConfig, CLIPModel
 
     root = tmp_path_factory.mktemp("cli_inputs")
@@ -144,7 +144,7 @@ def test_debug_shows_the_traceback(inputs):
 
 
 def test_segment_reports_each_failing_image_and_goes_on(inputs, tmp_path):
-    from test_modeling import random_image
+    from helpers import random_image
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
