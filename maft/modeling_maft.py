@@ -629,6 +629,24 @@ def proposal_masks_from_logits(masks_queries_logits: torch.Tensor, padded_size: 
     return F.interpolate(masks_queries_logits.detach(), size=padded_size, mode="bilinear", align_corners=True).sigmoid()
 
 
+def masks_of_clip_views(proposal_masks: torch.Tensor, clip_view_sizes: torch.Tensor) -> torch.Tensor:
+    """The part of each image's masks (B, Q, H, W) its CLIP view shows: the top-left `clip_view_sizes[i]` region,
+    resized bilinearly to (H, W) as `F.interpolate` would (an identity where the region is the whole input), for all
+    images at once and without a host sync."""
+    _, _, height, width = proposal_masks.shape
+    sizes = clip_view_sizes.to(proposal_masks)
+
+    def sample_coordinates(length: int, region: torch.Tensor) -> torch.Tensor:
+        """(B, length) normalised coordinates of the source pixel of each output pixel, inside the region."""
+        positions = (torch.arange(length, device=proposal_masks.device, dtype=proposal_masks.dtype) + 0.5) * (region[:, None] / length) - 0.5
+        positions = torch.minimum(positions.clamp(min=0), region[:, None] - 1)
+        return (2 * positions + 1) / length - 1
+
+    rows, columns = sample_coordinates(height, sizes[:, 0]), sample_coordinates(width, sizes[:, 1])
+    grid = torch.stack(torch.broadcast_tensors(columns[:, None, :, None], rows[:, :, None, None]), dim=-1)[..., 0, :]
+    return F.grid_sample(proposal_masks, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @dataclass
 class MaftModelOutput(ModelOutput):
     r"""
@@ -856,6 +874,7 @@ class MaftModel(MaftPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        clip_view_sizes: torch.Tensor | None = None,
         seen_classes: torch.Tensor | None = None,
     ) -> MaftModelOutput:
         r"""
@@ -873,6 +892,10 @@ class MaftModel(MaftPreTrainedModel):
             1 on real pixels, 0 on padding; used by the ensemble to find proposals with no pixel in the image.
         image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             Unpadded (height, width) of each image, passed through to post-processing.
+        clip_view_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+            The (height, width) of the top-left region of the padded input that each image's CLIP view shows
+            (`MaftImageProcessor` gives it). IP-CLIP's mask proposals are taken from that region, so that they line
+            up with the view; without it, from the whole padded input (the original's batch view).
         seen_classes (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
             Which classes the proposal generator saw in training (for the ensemble; default: none).
         """
@@ -892,7 +915,8 @@ class MaftModel(MaftPreTrainedModel):
         predictions = self.propose(pixel_values, text_embeds)
         final = predictions[-1]
         proposal_masks = proposal_masks_from_logits(final["masks_queries_logits"], pixel_values.shape[-2:])
-        proposal_embeds = self.ip_clip(clip_pixel_values, mask_proposals=proposal_masks, interpolate_pos_encoding=True).proposal_embeds
+        clip_masks = proposal_masks if clip_view_sizes is None else masks_of_clip_views(proposal_masks, clip_view_sizes)
+        proposal_embeds = self.ip_clip(clip_pixel_values, mask_proposals=clip_masks, interpolate_pos_encoding=True).proposal_embeds
         clip_class_logits = self.class_logits(proposal_embeds, text_embeds)
         class_queries_logits = self._ensemble(final["class_queries_logits"], clip_class_logits, proposal_masks, pixel_mask, seen_classes)
         return MaftModelOutput(

@@ -234,7 +234,7 @@ class MaftImageProcessor(BaseImageProcessor):
     standard deviations on the 0-255 scale) load as their equivalent and give the same pixel values.
     """
 
-    model_input_names = ["pixel_values", "pixel_mask", "clip_pixel_values", "image_sizes"]
+    model_input_names = ["pixel_values", "pixel_mask", "clip_pixel_values", "image_sizes", "clip_view_sizes"]
     valid_kwargs = MaftImageProcessorKwargs
 
     do_resize = True
@@ -395,6 +395,8 @@ class MaftImageProcessor(BaseImageProcessor):
             "pixel_mask": [pad_to(np.ones(image_size, dtype=np.int64), padded_size) for image_size in image_sizes],
             "clip_pixel_values": [self.clip_view(image, size, clip_image_size) for image, size in zip(clip_images, clip_view_sizes)],
             "image_sizes": [np.array(image_size, dtype=np.int64) for image_size in image_sizes],
+            # the region of the padded batch each CLIP view shows, with which the model aligns IP-CLIP's masks
+            "clip_view_sizes": [np.array(view_size, dtype=np.int64) for view_size in clip_view_sizes],
         }
         if segmentation_maps is not None:
             data["labels"] = [pad_to(labels, padded_size, ignore_index) for labels in segmentation_maps]

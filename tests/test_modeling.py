@@ -315,3 +315,13 @@ def test_the_whole_model_compiles_without_graph_breaks(backend):
         explanation = torch._dynamo.explain(model)(**inputs, text_embeds=text_embeds)
     torch._dynamo.reset()
     assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
+
+
+def test_ip_clip_masks_come_from_the_region_each_clip_view_shows():
+    from maft.modeling_maft import masks_of_clip_views
+
+    masks = torch.rand(2, 3, 8, 12)
+    aligned = masks_of_clip_views(masks, torch.tensor([[8, 12], [4, 6]]))
+    torch.testing.assert_close(aligned[0], masks[0], rtol=0, atol=1e-6)  # the whole input: unchanged
+    expected = torch.nn.functional.interpolate(masks[1:, :, :4, :6], size=(8, 12), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(aligned[1:], expected, rtol=0, atol=1e-5)

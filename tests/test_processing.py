@@ -213,12 +213,14 @@ def test_clip_view_of_an_image_does_not_depend_on_its_batch():
     clip_normalised = processor([small, large], image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)["pixel_values"]
     assert torch.equal(as_original, F.interpolate(clip_normalised, size=(64, 64), mode="bilinear", align_corners=False))
     assert not torch.equal(as_original[0], alone["clip_pixel_values"][0])
+    assert batched["clip_view_sizes"].tolist() == [[64, 64], [64, 160]]
+    assert processor([small, large], per_image_clip_view=False)["clip_view_sizes"].tolist() == [[64, 160], [64, 160]]
 
 
 def test_the_bundled_model_labels_an_image_nearly_alike_alone_and_batched():
-    """Per-image CLIP views: an image batched with a larger one was labelled like alone on 13% of its pixels, now on
-    86%. The rest comes from the model (see the report of this change): IP-CLIP is given proposal masks over the
-    padded batch, and the proposal network sees the padding."""
+    """Per-image CLIP views, and IP-CLIP's masks taken from the region each view shows (`clip_view_sizes`): an image
+    batched with a larger one was labelled like alone on 13% of its pixels; with per-image views alone 86%, with the
+    masks aligned too 96.5%. The rest: the proposal network sees the batch's padding (as the original's does)."""
     folder = default_model_path()
     class_names = json.loads((folder.parent / "examples" / "classes.json").read_text())["class_names"]
     model, processor = MaftModel.from_pretrained(folder).eval(), MaftProcessor.from_pretrained(folder)
@@ -234,7 +236,7 @@ def test_the_bundled_model_labels_an_image_nearly_alike_alone_and_batched():
         batched_map = processor.post_process_semantic_segmentation(batched, target_sizes=size + [large.size[::-1]])[0]
         return (alone_map == batched_map).float().mean().item()
 
-    assert agreement() >= 0.8
+    assert agreement() >= 0.95
     assert agreement(per_image_clip_view=False) < 0.5
 
 
