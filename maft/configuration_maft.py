@@ -19,24 +19,6 @@ RETIRED_MAFT_CONFIG_ATTRIBUTES = (
 )
 
 
-VILD_PROMPT_TEMPLATES = (
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
-
-
 @strict
 class MaftClipVisionConfig(CLIPVisionConfig):
     r"""
@@ -291,4 +273,4 @@ AutoConfig.register(MaftDeepLabResNetConfig.model_type, MaftDeepLabResNetConfig)
 AutoConfig.register(MaftConfig.model_type, MaftConfig)
 
 
-__all__ = ["MaftClipVisionConfig", "MaftConfig", "MaftDeepLabResNetConfig", "VILD_PROMPT_TEMPLATES"]
+__all__ = ["MaftClipVisionConfig", "MaftConfig", "MaftDeepLabResNetConfig"]

@@ -27,7 +27,6 @@ from transformers.image_utils import (
 from transformers.processing_utils import ProcessingKwargs
 from transformers.utils import TensorType, logging
 
-from .configuration_maft import VILD_PROMPT_TEMPLATES
 
 
 logger = logging.get_logger(__name__)
@@ -49,6 +48,25 @@ CONFIG_METADATA_KEYS = {"image_processor_type", "processor_class", "feature_extr
 # reduces them over classes in bands of rows of about this many pixels.
 POSTPROCESS_CHUNK_ELEMENTS = 2**24
 POSTPROCESS_BAND_PIXELS = 2**20
+
+
+# The 14 prompt templates every class name is put into (ViLD's, as MAFT uses: DESIGN.md §2).
+VILD_PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
 
 
 def to_rgb_array(image: ImageLike, name: str = "image", input_data_format: str | ChannelDimension | None = None) -> np.ndarray:
@@ -604,4 +622,4 @@ class MaftProcessor(ProcessorMixin):
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
 
 
-__all__ = ["MaftImageProcessor", "MaftProcessor", "to_rgb_array"]
+__all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_rgb_array"]
