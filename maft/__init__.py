@@ -21,6 +21,7 @@ _EXPORTS = {
     "MaftImageProcessor": "processing_maft",
     "MaftProcessor": "processing_maft",
     "convert_original_checkpoint": "convert_original_checkpoint",
+    "ZeroShotImageSegmentationPipeline": "pipeline_maft",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,21 +30,28 @@ if TYPE_CHECKING:
     from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
     from .convert_original_checkpoint import convert_original_checkpoint
     from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
+    from .pipeline_maft import ZeroShotImageSegmentationPipeline
     from .processing_maft import MaftImageProcessor, MaftProcessor
 
 
 def _register_auto_classes() -> None:
-    """AutoModel, AutoImageProcessor and AutoProcessor load MAFT folders (AutoConfig: see configuration_maft)."""
+    """AutoModel, AutoImageProcessor and AutoProcessor load MAFT folders (AutoConfig: see configuration_maft), and
+    `pipeline("zero-shot-image-segmentation", ...)` runs them."""
     from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+    from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_maft import MaftClipVisionConfig, MaftConfig
     from .modeling_maft import MaftClipVisionModel, MaftModel
+    from .pipeline_maft import TASK, ZeroShotImageSegmentationPipeline
     from .processing_maft import MaftImageProcessor, MaftProcessor
 
     AutoModel.register(MaftConfig, MaftModel, exist_ok=True)
     AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel, exist_ok=True)
     AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
     AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ZeroShotImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 
 def __getattr__(name: str):
