@@ -21,6 +21,7 @@ _EXPORTS = {
     "MaftImageProcessor": "processing_maft",
     "MaftProcessor": "processing_maft",
     "convert_original_checkpoint": "convert_original_checkpoint",
+    "ZeroShotImageSegmentationPipeline": "pipeline_maft",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,27 +30,27 @@ if TYPE_CHECKING:
     from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
     from .convert_original_checkpoint import convert_original_checkpoint
     from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
+    from .pipeline_maft import ZeroShotImageSegmentationPipeline
     from .processing_maft import MaftImageProcessor, MaftProcessor
 
 
-def _register_auto_classes() -> None:
-    """AutoModel, AutoImageProcessor and AutoProcessor load MAFT folders (AutoConfig: see configuration_maft)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+def _register_pipeline() -> None:
+    """`pipeline("zero-shot-image-segmentation", ...)` runs MAFT models (the Auto classes register themselves where the
+    classes are defined)."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
 
-    from .configuration_maft import MaftClipVisionConfig, MaftConfig
-    from .modeling_maft import MaftClipVisionModel, MaftModel
-    from .processing_maft import MaftImageProcessor, MaftProcessor
+    from .pipeline_maft import TASK, ZeroShotImageSegmentationPipeline
 
-    AutoModel.register(MaftConfig, MaftModel, exist_ok=True)
-    AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel, exist_ok=True)
-    AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
-    AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ZeroShotImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _register_auto_classes()
+    _register_pipeline()
     for exported, module in _EXPORTS.items():  # cache them all: later lookups no longer come here
         globals()[exported] = getattr(importlib.import_module(f".{module}", __name__), exported)
     return globals()[name]

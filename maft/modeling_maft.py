@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
+from transformers import AutoModel, CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -986,6 +986,8 @@ class MaftModel(MaftPreTrainedModel):
 
 
 register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
+AutoModel.register(MaftConfig, MaftModel, exist_ok=True)
+AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel, exist_ok=True)
 
 
 __all__ = [

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.nn import functional as F
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BaseImageProcessor, get_size_dict
 from transformers.image_utils import (
@@ -27,6 +27,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ProcessingKwargs
 from transformers.utils import TensorType, logging
 
+from .configuration_maft import MaftConfig
 
 
 logger = logging.get_logger(__name__)
@@ -621,5 +622,9 @@ class MaftProcessor(ProcessorMixin):
         """See [`MaftImageProcessor.post_process_semantic_segmentation`]."""
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
 
+
+
+AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
+AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
 
 __all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_rgb_array"]

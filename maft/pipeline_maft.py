@@ -1,0 +1,131 @@
+"""The `zero-shot-image-segmentation` pipeline: `pipeline("zero-shot-image-segmentation", model=path_or_hub_id)`
+segments images into any list of class names, with the output format of transformers' `image-segmentation`."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+
+from .inference import check_resizable, encode_vocabulary
+from .modeling_maft import MaftModelOutput
+from .processing_maft import ImageLike, to_rgb_array
+
+
+TASK = "zero-shot-image-segmentation"
+
+
+def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
+    """The candidate labels as a tuple (the text-embedding cache key); refuses anything but a non-empty list of names."""
+    if not isinstance(candidate_labels, (list, tuple)) or not candidate_labels:
+        raise ValueError(
+            f"`candidate_labels` must be a non-empty list of class names, e.g. candidate_labels=['cat', 'sky'], "
+            f"got {candidate_labels!r}"
+        )
+    return tuple(candidate_labels)
+
+
+class ZeroShotImageSegmentationPipeline(Pipeline):
+    """
+    Segments images into any class names with a MAFT model: every pixel gets the candidate label it shows best.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> import maft  # any of its classes registers the task, e.g. `from maft import MaftModel`
+
+    >>> segmenter = pipeline("zero-shot-image-segmentation", model=path_or_hub_id)
+    >>> segments = segmenter("street.jpg", candidate_labels=["car", "road", "tree", "sky"])
+    >>> segments[0]["label"], segments[0]["score"], segments[0]["mask"].size
+    ('road', 0.61, (640, 480))
+    ```
+
+    Images: PIL images, paths or arrays (anything `MaftImageProcessor` reads), one or a list. Per image the output is a
+    list of `{"label", "score", "mask"}`, one per candidate label that labels at least one pixel, in the order of
+    `candidate_labels`: `mask` is a PIL "L" image of the input's size, 255 on the class's pixels and 0 elsewhere (the
+    masks of one image are disjoint and cover it); `score` is the class's mean probability over those pixels, its
+    per-pixel class score (`post_process_semantic_segmentation`'s `scores`) divided by the sum over all candidate labels.
+
+    The candidate labels' text embeddings are computed once per vocabulary and kept in the pipeline. With
+    `batch_size > 1`, images of different sizes are padded to the largest as `MaftProcessor` pads a batch, which (as
+    in any batched call of the model) can change their segmentation slightly; images of one size segment the same.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type != "maft":
+            raise ValueError(f"the {TASK} pipeline runs MAFT models (model_type 'maft'), got a {model_type!r} model")
+        if self.processor is None or not hasattr(self.processor, "tokenize_class_names"):
+            raise ValueError(f"the {TASK} pipeline needs the model's MaftProcessor: pass `processor=`")
+        self._text_embeds_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> list[dict] | list[list[dict]]:
+        """
+        Segments `images` (one, or a list: then one result per image) into `candidate_labels` (a non-empty list of
+        class names, given here or when the pipeline is created). See the class docstring for the output.
+        """
+        if kwargs.get("candidate_labels") is None and "candidate_labels" not in self._forward_params:
+            raise ValueError("give the class names to segment into: candidate_labels=['cat', 'sky', ...]")
+        return super().__call__(list(images) if isinstance(images, tuple) else images, **kwargs)
+
+    def _sanitize_parameters(self, candidate_labels: Any = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"the {TASK} pipeline takes `candidate_labels` only, got {sorted(kwargs)}")
+        if candidate_labels is None:
+            return {}, {}, {}
+        labels = check_candidate_labels(candidate_labels)
+        return {}, {"candidate_labels": labels}, {"candidate_labels": labels}
+
+    def preprocess(self, image: ImageLike) -> dict[str, Any]:
+        """The RGB array and its (height, width); the processor resizes and pads them per batch in `_forward`."""
+        array = to_rgb_array(image)
+        check_resizable(array, self.processor.image_processor)
+        return {"image": array, "target_size": array.shape[:2]}
+
+    def text_embeddings(self, candidate_labels: tuple[str, ...]) -> torch.Tensor:
+        """(num_labels, projection_dim) embeddings of `candidate_labels`, encoded on the first call for them only."""
+        if candidate_labels not in self._text_embeds_cache:
+            self._text_embeds_cache[candidate_labels] = encode_vocabulary(self.model, self.processor, candidate_labels)
+        return self._text_embeds_cache[candidate_labels]
+
+    def _forward(self, model_inputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> dict[str, Any]:
+        # One image comes as preprocess returned it (batch_size 1), a batch as a list per key (transformers' collation).
+        batched = isinstance(model_inputs["image"], list)
+        images = model_inputs["image"] if batched else [model_inputs["image"]]
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs, text_embeds=self.text_embeddings(candidate_labels))
+        # Tensors of batch-first shape: the pipeline's iterator splits them per image for postprocess.
+        return {
+            "class_queries_logits": outputs.class_queries_logits,
+            "masks_queries_logits": outputs.masks_queries_logits,
+            "image_sizes": outputs.image_sizes,
+            "target_size": model_inputs["target_size"],
+        }
+
+    def postprocess(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+        outputs = MaftModelOutput(
+            class_queries_logits=model_outputs["class_queries_logits"].float(),
+            masks_queries_logits=model_outputs["masks_queries_logits"].float(),
+            image_sizes=model_outputs["image_sizes"],
+        )
+        (result,) = self.processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[model_outputs["target_size"]], return_scores=True
+        )
+        segmentation, scores = result["segmentation"], result["scores"]
+        probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        segments = []
+        for index, label in enumerate(candidate_labels):
+            pixels = segmentation == index
+            if pixels.any():
+                mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
+                segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
+        return segments
