@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 
-from .inference import check_resizable, encode_vocabulary
+from .inference import encode_vocabulary
 from .modeling_maft import MaftModelOutput
 from .processing_maft import ImageLike, to_rgb_array
 
@@ -87,8 +87,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
 
     def preprocess(self, image: ImageLike) -> dict[str, Any]:
         """The RGB array and its (height, width); the processor resizes and pads them per batch in `_forward`."""
-        array = to_rgb_array(image)
-        check_resizable(array, self.processor.image_processor)
+        array = to_rgb_array(image, input_data_format="channels_last")
         return {"image": array, "target_size": array.shape[:2]}
 
     def text_embeddings(self, candidate_labels: tuple[str, ...]) -> torch.Tensor:
@@ -101,7 +100,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         # One image comes as preprocess returned it (batch_size 1), a batch as a list per key (transformers' collation).
         batched = isinstance(model_inputs["image"], list)
         images = model_inputs["image"] if batched else [model_inputs["image"]]
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, input_data_format="channels_last", return_tensors="pt").to(self.device)
         outputs = self.model(**inputs, text_embeds=self.text_embeddings(candidate_labels))
         # Tensors of batch-first shape: the pipeline's iterator splits them per image for postprocess.
         return {
@@ -118,9 +117,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             image_sizes=model_outputs["image_sizes"],
         )
         (result,) = self.processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[model_outputs["target_size"]], return_scores=True
+            outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True
         )
-        segmentation, scores = result["segmentation"], result["scores"]
+        segmentation, scores = result["segmentation"], result["segmentation_scores"]
         probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
         segments = []
         for index, label in enumerate(candidate_labels):
