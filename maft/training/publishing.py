@@ -7,6 +7,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 
+from ..hub import push_folder_to_hub
+
 
 logger = logging.getLogger("maft.training")
 
@@ -78,7 +80,7 @@ class HubPublisher:
         for attempt in range(1, self.retries + 1):
             try:
                 get_session().timeout = self.timeout
-                self.api.upload_folder(folder_path=folder, repo_id=self.repo_id, commit_message=f"Training step {step}")
+                push_folder_to_hub(folder, self.repo_id, commit_message=f"Training step {step}")
                 self.published.append(step)
                 return
             except Exception as error:  # any failure of the network or the Hub must not stop training
