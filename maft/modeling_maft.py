@@ -16,12 +16,14 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings, eager_attention_forward
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
-from transformers.utils import is_torchdynamo_compiling
+from transformers.utils import is_torchdynamo_compiling, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
 from .kernels import MultiScaleDeformableAttention
 
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -700,6 +702,11 @@ class MaftPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True  # CLIP's attention and IP-CLIP's proposal attention go through the attention interface
 
     _keys_to_ignore_on_load_unexpected = [r"^distillation_teacher\."]  # checkpoints of maft 0.1.0.dev0 held the teacher
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        if any(key.startswith("distillation_teacher.") for key in loading_info.unexpected_keys):
+            logger.info("Dropping the distillation teacher of a checkpoint saved by maft 0.1.0.dev0: stage-2 training makes its own.")
+        super()._adjust_missing_and_unexpected_keys(loading_info)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         """Every module goes through `_init_weights`, also those that own no parameter (a decoder layer, a ResNet

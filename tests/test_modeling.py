@@ -1,6 +1,7 @@
 """MaftModel and MaftProcessor on a tiny random configuration: shapes, text embeddings, initialisation, saving, errors."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_the_model_holds_no_training_state_and_no_hidden_cache():
     assert {name for name in attributes if "cache" in name} == set()
 
 
-def test_a_checkpoint_with_the_old_distillation_teacher_and_config_loads(tmp_path):
+def test_a_checkpoint_with_the_old_distillation_teacher_and_config_loads(tmp_path, caplog):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -88,7 +89,9 @@ def test_a_checkpoint_with_the_old_distillation_teacher_and_config_loads(tmp_pat
     state_dict.update({name.replace("ip_clip.", "distillation_teacher.", 1): tensor.clone()
                        for name, tensor in state_dict.items() if name.startswith("ip_clip.")})
     save_file(state_dict, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = MaftModel.from_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="maft.modeling_maft"):
+        loaded = MaftModel.from_pretrained(tmp_path)
+    assert caplog.text.count("Dropping the distillation teacher") == 1
     assert not any("teacher" in name for name in loaded.state_dict())
     assert "training_stage" not in loaded.config.to_dict() and "prompt_templates" not in loaded.config.to_dict()
     for name, tensor in model.state_dict().items():
