@@ -205,7 +205,7 @@ def convert_command(arguments: argparse.Namespace) -> int:
     check_output_folder(arguments.output_dir)  # before the slow imports below
     import yaml
 
-    from maft.convert_original_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
+    from maft.convert_original_maft_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
     from maft.hub import push_folder_to_hub
 
     try:

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from golden import golden_config, golden_state_dict, released_key_list
 from maft import MaftConfig, MaftModel, MaftProcessor
 from maft.cli import main
-from maft.convert_original_checkpoint import (
+from maft.convert_original_maft_checkpoint import (
     config_from_state_dict,
     convert_original_checkpoint,
     convert_state_dict,
