@@ -3,7 +3,6 @@ problem (`maft <command>: ...`) and exit code 1; `--debug` shows the traceback i
 transformers, the model) is imported until a command runs, so `maft --help` answers at once."""
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -170,14 +169,9 @@ def evaluate_after_training(model, processor, arguments: argparse.Namespace, cla
     eval_class_names, ignore_index = recorded_classes(dataset, class_names, arguments.ignore_index)
     results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=resolve_device())
     print(format_results_table(results))
+    from maft.output_files import write_json
+
     write_json(Path(arguments.output_dir, "eval_results.json"), results)
-
-
-def write_json(path: Path, content: dict) -> None:
-    """`content` as indented JSON in `path`, written atomically."""
-    from maft.output_files import write_files_atomically
-
-    write_files_atomically({path: lambda temporary: temporary.write_text(json.dumps(content, indent=2))})
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
@@ -194,6 +188,8 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device)
     print(format_results_table(results))
     if arguments.output:
+        from maft.output_files import write_json
+
         write_json(Path(arguments.output), results)
     return 0
 

@@ -69,6 +69,11 @@ def write_files_atomically(writers: Mapping[Path, Callable[[Path], object]]) -> 
             path.unlink(missing_ok=True)
 
 
+def write_json(path: Path, content: dict) -> None:
+    """`content` as indented JSON in `path`, written atomically."""
+    write_files_atomically({path: lambda temporary: temporary.write_text(json.dumps(content, indent=2))})
+
+
 def distinct_output_names(image_paths: Sequence[str | os.PathLike]) -> list[str]:
     """The name each image's outputs are given: its file name without suffix, and when several images share that name
     (e.g. a/photo.png and b/photo.jpg), each of them followed by -N, N its position (from 1) among the images."""

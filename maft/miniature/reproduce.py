@@ -7,7 +7,6 @@ interrupted run continues where it stopped (a training stage from its newest che
 """
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from transformers import CLIPTokenizer
 from ..configuration_maft import MaftDeepLabResNetConfig
 from ..evaluation import evaluate_on_dataset
 from ..modeling_maft import MaftModel
+from ..output_files import write_json
 from ..processing_maft import MaftImageProcessor, MaftProcessor
 from ..segmentation_data import load_segmentation_dataset, segmentation_metadata
 from ..training import MaftTrainingArguments, get_recipe, train_from_pretrained
@@ -80,13 +80,6 @@ def write_once(target: Path, write: Callable[[Path], None]) -> None:
     partial.mkdir(parents=True)
     write(partial)
     partial.rename(target)
-
-
-def write_once_file(target: Path, text: str) -> None:
-    """`text` into `target` through a temporary name, so an interrupted write never looks complete."""
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, target)
 
 
 def build_world(recipe: MiniatureRecipe, data_dir: Path) -> None:
@@ -149,7 +142,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, result_path: Path) -> dict:
         results = evaluate_on_dataset(MaftModel.from_pretrained(model_dir), MaftProcessor.from_pretrained(model_dir),
                                       test_dataset, class_names, ignore_index, UNSEEN_CLASS_NAMES)
         print(f"{model_dir}: mIoU {results['mIoU']:.1f}, seen {results['mIoU-seen']:.1f}, unseen {results['mIoU-unseen']:.1f}")
-        write_once_file(result_path, json.dumps(results, indent=2))
+        write_json(result_path, results)
     return json.loads(result_path.read_text())
 
 
@@ -204,6 +197,6 @@ def reproduce_miniature(output_dir: str | Path, recipe: MiniatureRecipe | None =
         with timed(f"evaluation: {name}"):
             results[name] = evaluate_model(root / stage / "model", data_dir, root / output)
     write_once(root / "bundle", lambda folder: write_bundle(recipe, root / "maft" / "model", folder))
-    write_once_file(root / "results.json", json.dumps({"recipe": asdict(recipe), "results": results, "seconds": seconds}, indent=2))
+    write_json(root / "results.json", {"recipe": asdict(recipe), "results": results, "seconds": seconds})
     print(results_table(results))
     return results
