@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from torch.nn import functional as F
 
 from ..loss_maft import MaftMaskAwareLoss, MaftProposalLoss
 from ..modeling_maft import FrozenBatchNorm2d, MaftClipVisionModel, MaftModel, proposal_masks_from_logits
@@ -201,14 +200,9 @@ class MaskAwareFineTuningLoss(StageLoss):
             outputs.clip_class_logits,
             proposal_masks_from_logits(outputs.masks_queries_logits, batch["pixel_values"].shape[-2:]),
             batch["labels"],
-            image_class_logits(student, outputs.text_embeds, unwrapped.config.logit_scale),
-            image_class_logits(teacher, outputs.text_embeds, unwrapped.config.logit_scale),
+            unwrapped.class_logits(student[:, None], outputs.text_embeds)[:, 0, :-1],
+            unwrapped.class_logits(teacher[:, None], outputs.text_embeds)[:, 0, :-1],
         )
-
-
-def image_class_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """`logit_scale * cos(image, class)`: image embeddings (B, D) and class embeddings (B, C, D) -> (B, C)."""
-    return logit_scale * torch.einsum("bd,bcd->bc", F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1))
 
 
 __all__ = [
@@ -217,5 +211,4 @@ __all__ = [
     "RECIPES",
     "TrainingRecipe",
     "get_recipe",
-    "image_class_logits",
 ]
