@@ -671,6 +671,10 @@ class MaftModelOutput(ModelOutput):
         The L2-normalised IP-CLIP embedding of each proposal.
     image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
         The unpadded (height, width) of each image in the padded input, passed through for post-processing.
+    padded_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+        Set when an inference batch was segmented image by image at each one's own padded size (`clip_view_sizes`):
+        the masks of image `i` are the top-left `padded_sizes[i] / 4` of `masks_queries_logits`, the rest edge padding.
+        `None` when the masks of every image refer to the whole padded input.
     auxiliary_logits (`list[dict[str, torch.FloatTensor]]`, *optional*):
         `class_queries_logits` (in-vocabulary) and `masks_queries_logits` of the proposal generator's earlier
         predictions, earliest first: the initial one (before the first decoder layer) and those after every decoder
@@ -687,6 +691,7 @@ class MaftModelOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     proposal_embeds: torch.FloatTensor | None = None
     image_sizes: torch.LongTensor | None = None
+    padded_sizes: torch.LongTensor | None = None
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
 
 
@@ -919,6 +924,14 @@ class MaftModel(MaftPreTrainedModel):
                     bad = sorted({int(index) for index in (~torch.isfinite(images)).flatten(1).any(1).nonzero()})
                     raise ValueError(f"`{name}` of image(s) {bad} holds NaN or infinite values: check the input images.")
         text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
+        if self.training or clip_view_sizes is None or pixel_values.shape[0] == 1:
+            outputs = self._segment(pixel_values, clip_pixel_values, text_embeds, pixel_mask, clip_view_sizes, seen_classes)
+        else:
+            outputs = self._segment_each_at_its_size(pixel_values, clip_pixel_values, text_embeds, pixel_mask, clip_view_sizes, seen_classes)
+        return MaftModelOutput(**outputs, image_sizes=image_sizes)
+
+    def _segment(self, pixel_values, clip_pixel_values, text_embeds, pixel_mask, clip_view_sizes, seen_classes) -> MaftModelOutput:
+        """The batch as one padded input: proposals, IP-CLIP's classification of them and the ensemble."""
         predictions = self.propose(pixel_values, text_embeds)
         final = predictions[-1]
         proposal_masks = proposal_masks_from_logits(final["masks_queries_logits"], pixel_values.shape[-2:])
@@ -933,10 +946,55 @@ class MaftModel(MaftPreTrainedModel):
             clip_class_logits=clip_class_logits,
             text_embeds=text_embeds,
             proposal_embeds=F.normalize(proposal_embeds, dim=-1),
-            image_sizes=image_sizes,
             auxiliary_logits=[
                 {"class_queries_logits": prediction["class_queries_logits"], "masks_queries_logits": prediction["masks_queries_logits"]}
                 for prediction in predictions[:-1]
+            ],
+        )
+
+    def _segment_each_at_its_size(self, pixel_values, clip_pixel_values, text_embeds, pixel_mask, clip_view_sizes, seen_classes) -> MaftModelOutput:
+        """
+        Inference on a batch: each image is segmented at its own padded size (`clip_view_sizes`), images of equal size
+        together, so that it gets the answer it gets alone; the proposal generator of a padded batch would see the
+        other images' padding. Mask logits are edge-padded back to the batch's size; `padded_sizes` tells
+        post-processing which part is the image's.
+        """
+        padded_height, padded_width = pixel_values.shape[-2:]
+        sizes = [tuple(size) for size in clip_view_sizes.tolist()]
+        if any(height > padded_height or width > padded_width for height, width in sizes):
+            raise ValueError(f"`clip_view_sizes` {sizes} must fit in the padded input ({padded_height}, {padded_width}).")
+        images_of_size: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            images_of_size.setdefault(size, []).append(index)
+        parts, order = [], []
+        for (height, width), indices in images_of_size.items():
+            chosen = torch.tensor(indices, device=pixel_values.device)
+            parts.append(
+                self._segment(
+                    pixel_values[chosen, :, :height, :width],
+                    clip_pixel_values[chosen],
+                    text_embeds[chosen],
+                    None if pixel_mask is None else pixel_mask[chosen, :height, :width],
+                    clip_view_sizes[chosen.to(clip_view_sizes.device)],
+                    seen_classes,
+                )
+            )
+            order += indices
+        inverse = torch.argsort(torch.tensor(order, device=pixel_values.device))
+        mask_size = max((part.masks_queries_logits.shape[-2:] for part in parts), key=lambda size: size[0] * size[1])
+
+        def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if tensors[0].dim() == 4:
+                tensors = [F.pad(masks, (0, mask_size[1] - masks.shape[-1], 0, mask_size[0] - masks.shape[-2]), mode="replicate") for masks in tensors]
+            return torch.cat(tensors)[inverse]
+
+        fields = ("class_queries_logits", "masks_queries_logits", "proposal_class_logits", "clip_class_logits", "text_embeds", "proposal_embeds")
+        return MaftModelOutput(
+            **{field: merge([part[field] for part in parts]) for field in fields},
+            padded_sizes=clip_view_sizes,
+            auxiliary_logits=[
+                {key: merge([part.auxiliary_logits[layer][key] for part in parts]) for key in parts[0].auxiliary_logits[layer]}
+                for layer in range(len(parts[0].auxiliary_logits))
             ],
         )
 

@@ -107,6 +107,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             "class_queries_logits": outputs.class_queries_logits,
             "masks_queries_logits": outputs.masks_queries_logits,
             "image_sizes": outputs.image_sizes,
+            "padded_sizes": outputs.padded_sizes,
             "target_size": model_inputs["target_size"],
         }
 
@@ -115,6 +116,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             class_queries_logits=model_outputs["class_queries_logits"].float(),
             masks_queries_logits=model_outputs["masks_queries_logits"].float(),
             image_sizes=model_outputs["image_sizes"],
+            padded_sizes=model_outputs["padded_sizes"],
         )
         (result,) = self.processor.post_process_semantic_segmentation(
             outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True

@@ -457,7 +457,8 @@ class MaftImageProcessor(BaseImageProcessor):
     ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         Per image, the (H, W) map of class indices (DESIGN.md §2 step 5): mask logits upsampled to the padded input
-        (bilinear, `align_corners=True`), cropped to the image, sigmoid; `score[c] = sum_q p[q, c] * mask_q` with
+        (bilinear, `align_corners=True`; to the image's own padded size where `outputs.padded_sizes` gives it), cropped
+        to the image, sigmoid; `score[c] = sum_q p[q, c] * mask_q` with
         `p = softmax(class_queries_logits)[..., :-1]`; resized to `target_sizes[i]` (bilinear) if given; argmax.
 
         The resized scores are never held for all classes at once (a few classes at a time, a running maximum), so
@@ -472,8 +473,13 @@ class MaftImageProcessor(BaseImageProcessor):
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
         padded_size = (mask_logits.shape[-2] * self.mask_stride, mask_logits.shape[-1] * self.mask_stride)
         results = []
+        padded_sizes = getattr(outputs, "padded_sizes", None)
         for index in range(batch_size):
-            masks = F.interpolate(mask_logits[index : index + 1], size=padded_size, mode="bilinear", align_corners=True)[0]
+            logits, size = mask_logits[index : index + 1], padded_size
+            if padded_sizes is not None:
+                size = tuple(int(value) for value in padded_sizes[index])
+                logits = logits[..., : -(-size[0] // self.mask_stride), : -(-size[1] // self.mask_stride)]
+            masks = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)[0]
             if outputs.image_sizes is not None:
                 height, width = (int(value) for value in outputs.image_sizes[index])
                 masks = masks[:, :height, :width]

@@ -81,7 +81,9 @@ def test_the_vocabulary_is_encoded_once_per_pipeline(segmenter):
 
 
 def test_batches_segment_like_single_images(segmenter):
-    images = [scene(index) for index in range(5)]  # one size, so a batch pads none of them
+    images = [scene(index) for index in range(5)]
+    images[1] = images[1].resize((2 * images[1].width, images[1].height))  # padding the others in its batch
+    images[4] = images[4].resize((images[4].width // 2, images[4].height))
     one_by_one = segmenter(images, candidate_labels=LABELS, batch_size=1)
     in_pairs = segmenter(images, candidate_labels=LABELS, batch_size=2)
     for single, batched in zip(one_by_one, in_pairs, strict=True):
