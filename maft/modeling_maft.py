@@ -907,7 +907,9 @@ class MaftModel(MaftPreTrainedModel):
         clip_view_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             The (height, width) of the top-left region of the padded input that each image's CLIP view shows
             (`MaftImageProcessor` gives it). IP-CLIP's mask proposals are taken from that region, so that they line
-            up with the view; without it, from the whole padded input (the original's batch view).
+            up with the view; without it, from the whole padded input (the original's batch view). In inference
+            (`model.eval()`), a batch is segmented at these sizes, each image at its own, so that it gets the answer
+            it gets alone; training keeps the original's one padded batch.
         seen_classes (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
             Which classes the proposal generator saw in training (for the ensemble; default: none).
         """
