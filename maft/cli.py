@@ -11,11 +11,13 @@ from .model_loading import MODEL_DTYPES
 
 
 def parse_labels(text: str) -> list[str]:
-    """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
-    labels = [label.strip() for label in text.split(",")]
-    if not all(labels):
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of non-empty class names, got {text!r}")
-    return labels
+    """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']; empty names are refused."""
+    from maft.demo_app import parse_class_names
+
+    try:
+        return parse_class_names(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def one_line(error: BaseException) -> str:
