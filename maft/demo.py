@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from . import demo_app
-from .model_loading import default_model_path
+from .model_loading import check_model, default_model_path
 
 
 INSTALL_HINT = 'pip install "maft[demo]"'
@@ -43,6 +43,8 @@ def bundled_examples() -> list[list[str]]:
 
 def launch_demo(model: str | None, device: str | None, host: str, port: int) -> None:
     """Serves the demo on http://host:port until interrupted; `model` None is the bundled model."""
+    if model:
+        check_model(model)
     require_gradio()
     from maft import MaftModel  # noqa: F401  registers MAFT and its pipeline task with transformers
 

@@ -60,7 +60,7 @@ def segment_with_legend(segmenter, image: Image.Image, class_names: list[str]) -
         pixels = np.asarray(segment["mask"]) > 0
         index = class_names.index(segment["label"])
         label_map[pixels] = index
-        legend.append({"label": segment["label"], "colour": "#{:02x}{:02x}{:02x}".format(*palette[index]),
+        legend.append({"label": segment["label"], "colour": "#" + bytes(palette[index]).hex(),
                        "area": 100 * float(pixels.mean())})
     return tint(image, label_map, palette), sorted(legend, key=lambda entry: -entry["area"])
 
@@ -113,7 +113,7 @@ def build_demo(model: str, device: str | None = None, examples: list[list[str]] 
                                    elem_id="overlay")
                 legend = gr.HTML(elem_id="legend")
         if examples:
-            gr.Examples(examples=[list(example) for example in examples], inputs=[image, class_names])
+            gr.Examples(examples=list(examples), inputs=[image, class_names])
         button.click(run, inputs=[image, class_names], outputs=[overlay, legend])
         class_names.submit(run, inputs=[image, class_names], outputs=[overlay, legend])
     return demo
