@@ -73,8 +73,11 @@ def test_demo_without_gradio_says_how_to_install_it():
         assert result.stderr.startswith("maft demo: the demo needs Gradio") and 'pip install "maft[demo]"' in result.stderr
 
 
-def test_write_space_needs_a_model_and_a_new_or_empty_folder(tmp_path, capsys):
+def test_demo_errors_on_the_command_line(tmp_path, capsys):
     from maft.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "no_such_model")]) == 1
+    assert capsys.readouterr().err == f"maft demo: the model folder {tmp_path / 'no_such_model'} does not exist\n"
 
     assert main(["demo", "--write-space", str(tmp_path / "space")]) == 1
     assert "--write-space needs --model" in capsys.readouterr().err
@@ -160,10 +163,12 @@ def demo_url():
 
 
 @pytest.fixture
-def page(demo_url):
+def page(request):
+    """A headless chromium page showing the demo; the browser is checked for before the server is started."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives chromium with Playwright")
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM}: install Debian's chromium package (apt-get install chromium)")
+    demo_url = request.getfixturevalue("demo_url")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 760})
