@@ -3,6 +3,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 
+DEMO_REQUIRES = ["gradio>=6,<7"]
+
 setup(
     name="maft",
     version="0.1.0.dev0",
@@ -29,7 +31,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "demo": DEMO_REQUIRES,
+        # the demo's browser test drives Debian's chromium (/usr/bin/chromium) with Playwright
+        "test": ["pytest>=8", *DEMO_REQUIRES, "playwright>=1.40"],
         "dev": ["pytest>=8", "ruff"],
     },
     entry_points={"console_scripts": ["maft=maft.cli:main"]},

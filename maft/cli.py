@@ -11,11 +11,13 @@ from .model_loading import MODEL_DTYPES
 
 
 def parse_labels(text: str) -> list[str]:
-    """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']."""
-    labels = [label.strip() for label in text.split(",")]
-    if not all(labels):
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of non-empty class names, got {text!r}")
-    return labels
+    """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']; empty names are refused."""
+    from maft.demo_app import parse_class_names
+
+    try:
+        return parse_class_names(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def one_line(error: BaseException) -> str:
@@ -24,9 +26,10 @@ def one_line(error: BaseException) -> str:
 
 
 def failure_message(error: BaseException) -> str:
-    """What the user is told about a failure: the message, and for errors that are not about the user's input or files
-    (not ValueError or OSError, e.g. a RuntimeError inside torch) also their kind and a pointer to --debug."""
-    if isinstance(error, (ValueError, OSError)):
+    """What the user is told about a failure: the message, and for errors that are not about the user's input, files or
+    installation (not ValueError, OSError or ImportError, e.g. a RuntimeError inside torch) also their kind and a
+    pointer to --debug."""
+    if isinstance(error, (ValueError, OSError, ImportError)):
         return one_line(error)
     return f"{type(error).__name__}: {one_line(error)} (--debug shows the traceback)"
 
@@ -236,6 +239,19 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def demo_command(arguments: argparse.Namespace) -> int:
+    """Serves the Gradio demo, or with --write-space writes it as a Hugging Face Space folder."""
+    from maft.demo import launch_demo, write_space
+
+    if arguments.write_space:
+        if not arguments.model:
+            raise ValueError("--write-space needs --model: the Hub repository the Space runs, e.g. --model org/maft-model")
+        print(f"wrote a Space for {arguments.model} into {write_space(arguments.write_space, arguments.model)}")
+    else:
+        launch_demo(arguments.model, arguments.device, arguments.host, arguments.port)
+    return 0
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(flag, help="a dataset saved with save_to_disk (directory) or a Hub dataset name")
@@ -338,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     converter.add_argument("--push-to-hub", metavar="ORG/NAME", help="also upload the folder to this Hub repository")
     converter.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     converter.set_defaults(handler=convert_command)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="a browser app: segment an uploaded or example image into typed class names",
+        description='Needs Gradio (pip install "maft[demo]"). Serves the app on http://HOST:PORT, or with '
+        "--write-space writes it as a Hugging Face Space for the Hub model --model.",
+    )
+    demo.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
+    demo.add_argument("--device", help=DEVICE_HELP)
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface); default: 127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860, help="default: 7860")
+    demo.add_argument("--write-space", type=Path, metavar="DIR",
+                      help="instead of serving, write a Hugging Face Space (app.py, requirements.txt, README.md) into DIR")
+    demo.set_defaults(handler=demo_command)
 
     reproducer = commands.add_parser(
         "reproduce-mini", parents=[common], help="draw a miniature world, pre-train a tiny CLIP, train both stages, compare with frozen CLIP"

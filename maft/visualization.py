@@ -1,26 +1,18 @@
 """Rendering of segmentations: colour overlays with a legend, label-map images and per-class statistics."""
 
-import colorsys
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-
-def class_palette(num_classes: int) -> np.ndarray:
-    """Distinct, deterministic RGB colours (num_classes, 3) uint8: hues spaced by the golden angle."""
-    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
-    colours = [colorsys.hsv_to_rgb(hue, 0.75 if index % 2 else 0.95, 0.95 if index % 3 else 0.8) for index, hue in enumerate(hues)]
-    return (np.array(colours).reshape(num_classes, 3) * 255).round().astype(np.uint8)
+# The colours and the tint live in the demo app, which a Hugging Face Space copies without maft beside it.
+from .demo_app import OVERLAY_ALPHA, class_palette, tint
 
 
-def render_overlay(image: Image.Image, label_map: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
+def render_overlay(
+    image: Image.Image, label_map: np.ndarray, class_names: list[str], alpha: float = OVERLAY_ALPHA
+) -> Image.Image:
     """The image with each pixel tinted by its class colour, and a legend of the classes present, by area."""
-    if label_map.shape != (image.height, image.width):
-        raise ValueError(f"label map {label_map.shape} does not match the image size {(image.height, image.width)}")
     palette = class_palette(len(class_names))
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blended = (1 - alpha) * rgb + alpha * palette[label_map].astype(np.float32)
-    overlay = Image.fromarray(blended.round().astype(np.uint8))
+    overlay = tint(image, label_map, palette, alpha)
 
     counts = np.bincount(label_map.ravel(), minlength=len(class_names))
     present = [index for index in np.argsort(-counts) if counts[index] > 0]
