@@ -181,11 +181,17 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     if arguments.output:
         check_output_file(arguments.output)  # before the slow imports below
     from maft.evaluation import evaluate_on_dataset, format_results_table
+    from maft.evaluation.dataset_evaluation import distributed_state
     from maft.model_loading import load_model_and_processor
 
-    model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
+    state = distributed_state()  # under `accelerate launch`, every process evaluates its shard; the main one reports
+    device = arguments.device or (state.device if state.num_processes > 1 else None)
+    model, processor = load_model_and_processor(arguments.model, device, arguments.dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
-    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device)
+    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device,
+                                  batch_size=arguments.batch_size)
+    if not state.is_main_process:
+        return 0
     print(format_results_table(results))
     if arguments.output:
         from maft.output_files import write_json
@@ -326,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(evaluator, "--dataset")
     evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
+    evaluator.add_argument("--batch-size", type=int, default=1,
+                           help="images per forward pass (default: 1, as the original evaluates; batches pad images of "
+                                "different sizes to the largest, which changes the proposals slightly)")
     evaluator.add_argument("--device", help=DEVICE_HELP)
     evaluator.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     evaluator.set_defaults(handler=evaluate_command)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 
-from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, launch_two_processes, synthetic_dataset, tiny_model, tiny_processor
 from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
 from maft.training.checkpoints import MANIFEST_NAME, checkpoint_problem
 from maft.training.publishing import HubPublisher
@@ -254,12 +254,7 @@ SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""
 def test_a_slow_process_is_waited_for_before_a_checkpoint_counts_as_complete(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(SLOW_SECOND_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), output_dir=str(tmp_path / "out")))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "0", str(script)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
-    )
+    result = launch_two_processes([str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert checkpoint_names(tmp_path / "out") == ["checkpoint-1"] and not (tmp_path / "out" / "checkpoint-1.partial").exists()
