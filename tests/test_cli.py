@@ -79,11 +79,16 @@ def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):
         "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "2", "--learning-rate", "1e-3",
     ])
     assert exit_code == 0
-    output = capsys.readouterr().out
+    output, err = capsys.readouterr()
     assert "trained 2 steps" in output and "| mIoU | fwIoU | mACC | pACC |" in output
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert 0 <= results["mIoU"] <= 100 and {f"IoU-{name}" for name in CLASS_NAMES} <= set(results)
+    # evaluated at each checkpoint (--eval-steps defaults to --save-steps); the final metrics are the last checkpoint's
+    for step in (1, 2):
+        assert set(json.loads((tmp_path / "out" / f"checkpoint-{step}" / "eval_results.json").read_text())) == set(results)
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "eval_results.json").read_text()) == results
+    assert "best checkpoint by mIoU: checkpoint-" in err  # same vocabulary in training and evaluation: no unseen classes
 
 
 def test_evaluate_command_reports_metrics(tmp_path, capsys):

@@ -3,6 +3,8 @@ of `accelerate launch`."""
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,4 +69,20 @@ def evaluate_on_dataset(model, processor, dataset, class_names: Sequence[str], i
     return matrix.compute(list(class_names), list(unseen_class_names))
 
 
-__all__ = ["distributed_state", "evaluate_on_dataset"]
+@dataclass
+class EvaluationSet:
+    """A labelled dataset and its vocabulary, to evaluate a model on with `evaluate_on_dataset` (e.g. during
+    training: `maft.training.train(..., evaluator=EvaluationSet(...))`)."""
+
+    dataset: Any
+    class_names: Sequence[str]
+    ignore_index: int = 255
+    unseen_class_names: Sequence[str] = ()
+    batch_size: int = 1
+
+    def __call__(self, model, processor, device: str | torch.device) -> dict[str, float]:
+        return evaluate_on_dataset(model, processor, self.dataset, self.class_names, self.ignore_index,
+                                   self.unseen_class_names, device, self.batch_size)
+
+
+__all__ = ["EvaluationSet", "distributed_state", "evaluate_on_dataset"]
