@@ -79,13 +79,15 @@ def save_training_inputs(path) -> None:
     tiny_processor().save_pretrained(path / "init")
 
 
-def launch_two_processes(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def launch_two_processes(command: list[str], timeout: float = 600, config_file=None) -> subprocess.CompletedProcess:
     """`command` (a script and its arguments, or ["-m", module, ...]) run by `accelerate launch` as two real CPU
-    processes (`--cpu --num_processes 2` would start one), with one torch thread each."""
+    processes (`--cpu --num_processes 2` would start one), with one torch thread each; with `config_file`, that
+    Accelerate config's multi-GPU setup, run on the CPU."""
     accelerate = Path(sys.executable).with_name("accelerate")
+    setup = ["--config_file", str(config_file)] if config_file else [
+        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "0", *command],
+        [str(accelerate), "launch", *setup, "--num_processes", "2", "--main_process_port", "0", *command],
         capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
