@@ -18,6 +18,17 @@ def parse_labels(text: str) -> list[str]:
     return labels
 
 
+def positive_int(text: str) -> int:
+    """'4' -> 4; zero, negative and non-integer values are refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (its lines joined by '; '); the error's kind if it has no message."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
@@ -300,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "in each checkpoint and the output folder); its classes the training vocabulary lacks are "
                               "the unseen ones (hIoU)")
     trainer.add_argument("--eval-split", help="the split of --eval-dataset, if it has several")
-    trainer.add_argument("--eval-batch-size", type=int, default=1, help="images per forward pass in evaluation; default: 1")
+    trainer.add_argument("--eval-batch-size", type=positive_int, default=1, help="images per forward pass in evaluation; default: 1")
     trainer.add_argument("--crop-size", type=int, help="training crops (DESIGN.md §4 augmentation); default: the recipe's")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
@@ -333,12 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Accelerate trackers for losses, learning rate and throughput: tensorboard, wandb, ...")
     trainer.set_defaults(handler=train_command)
 
-    evaluator = commands.add_parser("evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset")
+    evaluator = commands.add_parser(
+        "evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset",
+        description="Under `accelerate launch` (e.g. --num_processes 8), each process evaluates a shard of the dataset "
+        "on its device, the confusion matrices are summed, and the main process prints and writes the metrics.",
+    )
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
     evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
-    evaluator.add_argument("--batch-size", type=int, default=1,
+    evaluator.add_argument("--batch-size", type=positive_int, default=1,
                            help="images per forward pass (default: 1, as the original evaluates; batches pad images of "
                                 "different sizes to the largest, which changes the proposals slightly)")
     evaluator.add_argument("--device", help=DEVICE_HELP)

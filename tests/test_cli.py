@@ -105,6 +105,15 @@ def test_evaluate_command_reports_metrics(tmp_path, capsys):
     assert 0 <= results["mIoU"] <= 100 and 0 <= results["pACC"] <= 100 and "IoU-sky" in results
 
 
+@pytest.mark.parametrize("command", [("evaluate", "--model", "m", "--dataset", "d", "--batch-size"),
+                                     ("train", "--train-dataset", "d", "--init-from", "m", "--output-dir", "o", "--eval-batch-size")])
+def test_batch_sizes_must_be_positive(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "0"])
+    assert exited.value.code == 2
+    assert f"argument {command[-1]}: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index(tmp_path, capsys):
     from helpers import ORIGINAL_VAL_LAYOUT, write_split
     from helpers import tiny_model, tiny_processor
