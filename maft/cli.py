@@ -136,6 +136,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     from maft.output_files import check_output_folder
 
     check_output_folder(arguments.output_dir)  # before the slow imports below
+    if arguments.eval_steps is not None and not arguments.eval_dataset:
+        raise ValueError("--eval-steps needs --eval-dataset (the dataset to evaluate on)")
     import dataclasses
 
     from accelerate import PartialState

@@ -114,6 +114,11 @@ def test_batch_sizes_must_be_positive(command, capsys):
     assert f"argument {command[-1]}: must be a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_eval_steps_without_an_eval_dataset_is_refused(tmp_path, capsys):
+    assert main(["train", "--train-dataset", "d", "--init-from", "m", "--output-dir", str(tmp_path / "o"), "--eval-steps", "2"]) == 1
+    assert capsys.readouterr().err == "maft train: --eval-steps needs --eval-dataset (the dataset to evaluate on)\n"
+
+
 def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index(tmp_path, capsys):
     from helpers import ORIGINAL_VAL_LAYOUT, write_split
     from helpers import tiny_model, tiny_processor
