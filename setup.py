@@ -14,7 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["maft", "maft.*"]),
-    package_data={"maft": ["data/*", "kernels/csrc/*", "metrics/mean_iou/*.py", "pretrained/**/*"]},
+    package_data={"maft": ["data/*", "kernels/csrc/*", "metrics/mean_iou/*.py", "pretrained/**/*", "training/accelerate_configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

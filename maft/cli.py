@@ -20,6 +20,17 @@ def parse_labels(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def positive_int(text: str) -> int:
+    """'4' -> 4; zero, negative and non-integer values are refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (its lines joined by '; '); the error's kind if it has no message."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
@@ -120,7 +131,7 @@ RECIPE_OPTIONS = {
     "backbone_lr_multiplier": "backbone_lr_multiplier", "gradient_clip_norm": "gradient_clip_norm",
     "poly_power": "poly_power", "per_device_batch_size": "batch_size", "seed": "seed",
 }
-RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "logging_steps", "hub_timeout")
+RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "eval_steps", "logging_steps", "hub_timeout")
 
 
 def train_command(arguments: argparse.Namespace) -> int:
@@ -128,6 +139,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     from maft.output_files import check_output_folder
 
     check_output_folder(arguments.output_dir)  # before the slow imports below
+    if arguments.eval_steps is not None and not arguments.eval_dataset:
+        raise ValueError("--eval-steps needs --eval-dataset (the dataset to evaluate on)")
     import dataclasses
 
     from accelerate import PartialState
@@ -150,31 +163,30 @@ def train_command(arguments: argparse.Namespace) -> int:
         save_total_limit=arguments.save_total_limit or None, trackers=arguments.report_to,
         **{option: getattr(arguments, option) for option in RUN_OPTIONS if getattr(arguments, option) is not None},
     )
-    trained = train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
-                                    augment=not arguments.no_augmentation)
+    evaluator = evaluation_set(arguments, class_names) if arguments.eval_dataset else None
+    train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
+                          augment=not arguments.no_augmentation, evaluator=evaluator)
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
         print(f"trained {recipe.max_steps} steps; model saved to {arguments.output_dir}")
-        if arguments.eval_dataset:
-            from maft import MaftProcessor
+        if evaluator is not None:
+            import json
 
-            evaluate_after_training(trained, MaftProcessor.from_pretrained(arguments.output_dir), arguments, class_names)
+            from maft.evaluation import format_results_table
+
+            print(format_results_table(json.loads(Path(arguments.output_dir, "eval_results.json").read_text())))
     return 0
 
 
-def evaluate_after_training(model, processor, arguments: argparse.Namespace, class_names: list[str]) -> None:
-    """`--eval-dataset`: the trained model's metrics, printed and written to `eval_results.json` in the output folder."""
+def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
+    """`--eval-dataset` with its own recorded vocabulary in its label order (without one, the training vocabulary);
+    its classes that the training vocabulary lacks are the unseen ones (mIoU-seen, mIoU-unseen, hIoU)."""
     from maft.dataset_resolution import load_labelled_dataset, recorded_classes
-    from maft.evaluation import evaluate_on_dataset, format_results_table
-    from maft.model_loading import resolve_device
+    from maft.evaluation import EvaluationSet
 
     dataset = load_labelled_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
-    # its own recorded vocabulary, in its label order; without one, the training vocabulary
     eval_class_names, ignore_index = recorded_classes(dataset, class_names, arguments.ignore_index)
-    results = evaluate_on_dataset(model, processor, dataset, eval_class_names, ignore_index, device=resolve_device())
-    print(format_results_table(results))
-    from maft.output_files import write_json
-
-    write_json(Path(arguments.output_dir, "eval_results.json"), results)
+    unseen = [name for name in eval_class_names if name not in set(class_names)]
+    return EvaluationSet(dataset, eval_class_names, ignore_index, unseen, arguments.eval_batch_size)
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
@@ -184,11 +196,17 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     if arguments.output:
         check_output_file(arguments.output)  # before the slow imports below
     from maft.evaluation import evaluate_on_dataset, format_results_table
+    from maft.evaluation.dataset_evaluation import distributed_state
     from maft.model_loading import load_model_and_processor
 
-    model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
+    state = distributed_state()  # under `accelerate launch`, every process evaluates its shard; the main one reports
+    device = arguments.device or (state.device if state.num_processes > 1 else None)
+    model, processor = load_model_and_processor(arguments.model, device, arguments.dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
-    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device)
+    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device,
+                                  batch_size=arguments.batch_size)
+    if not state.is_main_process:
+        return 0
     print(format_results_table(results))
     if arguments.output:
         from maft.output_files import write_json
@@ -306,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
     trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
     add_dataset_arguments(trainer, "--train-dataset")
-    trainer.add_argument("--eval-dataset", help="after training, evaluate on this dataset (saved or Hub): eval_results.json")
+    trainer.add_argument("--eval-dataset",
+                         help="evaluate on this dataset (saved or Hub) every --eval-steps and at the end (eval_results.json "
+                              "in each checkpoint and the output folder); its classes the training vocabulary lacks are "
+                              "the unseen ones (hIoU)")
     trainer.add_argument("--eval-split", help="the split of --eval-dataset, if it has several")
+    trainer.add_argument("--eval-batch-size", type=positive_int, default=1, help="images per forward pass in evaluation; default: 1")
     trainer.add_argument("--crop-size", type=int, help="training crops (DESIGN.md §4 augmentation); default: the recipe's")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
@@ -327,21 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
         ("seed", int, recipe_help),
         ("gradient-accumulation-steps", int, "default: 1"),
         ("save-steps", int, "checkpoint every N steps; default: 100"),
+        ("eval-steps", int, "with --eval-dataset, evaluate every N steps, a multiple of --save-steps; default: --save-steps"),
         ("logging-steps", int, "losses, learning rate and throughput every N steps; default: 10"),
         ("hub-timeout", float, "seconds before a Hub request is given up; default: 60"),
     ):
         trainer.add_argument(f"--{name}", type=kind, help=help_text)
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    trainer.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints (0: keep all); default: 3")
+    trainer.add_argument("--save-total-limit", type=int, default=3,
+                         help="keep the newest N checkpoints (0: keep all) and, with --eval-dataset, the best evaluated one "
+                              "(by hIoU when the evaluation has unseen classes, else by mIoU); default: 3")
     trainer.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER",
                          help="Accelerate trackers for losses, learning rate and throughput: tensorboard, wandb, ...")
     trainer.set_defaults(handler=train_command)
 
-    evaluator = commands.add_parser("evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset")
+    evaluator = commands.add_parser(
+        "evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset",
+        description="Under `accelerate launch` (e.g. --num_processes 8), each process evaluates a shard of the dataset "
+        "on its device, the confusion matrices are summed, and the main process prints and writes the metrics.",
+    )
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
     evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
+    evaluator.add_argument("--batch-size", type=positive_int, default=1,
+                           help="images per forward pass (default: 1, as the original evaluates; batches pad images of "
+                                "different sizes to the largest, which changes the proposals slightly)")
     evaluator.add_argument("--device", help=DEVICE_HELP)
     evaluator.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     evaluator.set_defaults(handler=evaluate_command)

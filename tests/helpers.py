@@ -1,6 +1,11 @@
 """Test helpers shared by several test files: a tiny random model and processor, synthetic training data, and the
 benchmark datasets' original folder layouts."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -56,19 +61,36 @@ def synthetic_dataset(size: int = 4) -> list[dict]:
     return examples
 
 
-def save_training_inputs(path) -> None:
-    """The synthetic dataset (save_to_disk, image and label columns) in `path/data`, a tiny model in `path/init`."""
+def save_labelled_dataset(examples: list[dict], path) -> None:
+    """`examples` (image and label map) as a dataset saved with save_to_disk in `path`, image and label columns."""
     from datasets import Dataset, Features, Image as ImageFeature
-    from PIL import Image
 
-    examples = synthetic_dataset()
     Dataset.from_dict(
         {"image": [example["image"] for example in examples],
          "label": [Image.fromarray(example["label"].astype(np.uint8)) for example in examples]},
         features=Features({"image": ImageFeature(), "label": ImageFeature()}),
-    ).save_to_disk(path / "data")
+    ).save_to_disk(path)
+
+
+def save_training_inputs(path) -> None:
+    """The synthetic dataset (save_to_disk, image and label columns) in `path/data`, a tiny model in `path/init`."""
+    save_labelled_dataset(synthetic_dataset(), path / "data")
     tiny_model().save_pretrained(path / "init")
     tiny_processor().save_pretrained(path / "init")
+
+
+def launch_two_processes(command: list[str], timeout: float = 600, config_file=None) -> subprocess.CompletedProcess:
+    """`command` (a script and its arguments, or ["-m", module, ...]) run by `accelerate launch` as two real CPU
+    processes (`--cpu --num_processes 2` would start one), with one torch thread each; with `config_file`, that
+    Accelerate config's multi-GPU setup, run on the CPU."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    setup = ["--config_file", str(config_file)] if config_file else [
+        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.run(
+        [str(accelerate), "launch", *setup, "--num_processes", "2", "--main_process_port", "0", *command],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
 
 
 # The val split of each benchmark as the original's prepare scripts leave it: image folder, label folder, label suffix.
@@ -98,3 +120,30 @@ def write_split(root, image_dir, label_dir, label_suffix, num_classes, ignore_in
         label[:, :4] = num_classes - 1  # the last class
         label[0, :] = ignore_index
         Image.fromarray(label).save(root / label_dir / f"{stem}{label_suffix}")
+
+
+def bundled_scenes(sizes: list[tuple[int, int]]) -> tuple[list[dict], dict]:
+    """The bundled model's example scenes (image and label map) in turn, each resized to the next (height, width) of
+    `sizes` (labels by nearest neighbour), and their classes.json (class_names, unseen_class_names, ignore_index)."""
+    import json
+
+    from maft.model_loading import default_model_path
+
+    folder = default_model_path().parent / "examples"
+    scenes = sorted(folder.glob("scene-*[0-9].png"))
+    examples = []
+    for index, (height, width) in enumerate(sizes):
+        scene = scenes[index % len(scenes)]
+        image = Image.open(scene).convert("RGB").resize((width, height), Image.BILINEAR)
+        label = Image.open(scene.with_name(f"{scene.stem}-labels.png")).resize((width, height), Image.NEAREST)
+        examples.append({"image": image, "label": np.array(label)})
+    return examples, json.loads((folder / "classes.json").read_text())
+
+
+def bundled_model() -> tuple[MaftModel, MaftProcessor]:
+    """The bundled model and processor, on the PyTorch deformable attention (no kernel build, which concurrent test
+    processes would wait for)."""
+    from maft.model_loading import default_model_path
+
+    path = default_model_path()
+    return MaftModel.from_pretrained(path, deformable_attention_backend="pytorch").eval(), MaftProcessor.from_pretrained(path)

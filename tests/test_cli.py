@@ -79,11 +79,16 @@ def test_train_command_trains_saves_and_evaluates(tmp_path, capsys):
         "--max-steps", "2", "--save-steps", "1", "--per-device-batch-size", "2", "--learning-rate", "1e-3",
     ])
     assert exit_code == 0
-    output = capsys.readouterr().out
+    output, err = capsys.readouterr()
     assert "trained 2 steps" in output and "| mIoU | fwIoU | mACC | pACC |" in output
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert 0 <= results["mIoU"] <= 100 and {f"IoU-{name}" for name in CLASS_NAMES} <= set(results)
+    # evaluated at each checkpoint (--eval-steps defaults to --save-steps); the final metrics are the last checkpoint's
+    for step in (1, 2):
+        assert set(json.loads((tmp_path / "out" / f"checkpoint-{step}" / "eval_results.json").read_text())) == set(results)
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "eval_results.json").read_text()) == results
+    assert "best checkpoint by mIoU: checkpoint-" in err  # same vocabulary in training and evaluation: no unseen classes
 
 
 def test_evaluate_command_reports_metrics(tmp_path, capsys):
@@ -98,6 +103,20 @@ def test_evaluate_command_reports_metrics(tmp_path, capsys):
     assert "| mIoU | fwIoU | mACC | pACC | mIoU-seen | mIoU-unseen | hIoU |" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["mIoU"] <= 100 and 0 <= results["pACC"] <= 100 and "IoU-sky" in results
+
+
+@pytest.mark.parametrize("command", [("evaluate", "--model", "m", "--dataset", "d", "--batch-size"),
+                                     ("train", "--train-dataset", "d", "--init-from", "m", "--output-dir", "o", "--eval-batch-size")])
+def test_batch_sizes_must_be_positive(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "0"])
+    assert exited.value.code == 2
+    assert f"argument {command[-1]}: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_eval_steps_without_an_eval_dataset_is_refused(tmp_path, capsys):
+    assert main(["train", "--train-dataset", "d", "--init-from", "m", "--output-dir", str(tmp_path / "o"), "--eval-steps", "2"]) == 1
+    assert capsys.readouterr().err == "maft train: --eval-steps needs --eval-dataset (the dataset to evaluate on)\n"
 
 
 def test_evaluate_reads_a_benchmark_in_the_original_layout_with_its_ignore_index(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The segmentation metrics against hand-made confusion matrices, and the offline `evaluate` module."""
 
+import json
 import math
 
 import evaluate
@@ -80,3 +81,58 @@ def test_evaluate_module_loads_offline_and_agrees():
     direct.update(predictions, references)
     expected = direct.compute(["cat", "dog", "sky", "road"])
     assert results["mIoU"] == pytest.approx(expected["mIoU"]) and results["pACC"] == pytest.approx(expected["pACC"])
+
+
+
+def test_batched_evaluation_of_equal_sized_images_equals_one_at_a_time():
+    from helpers import bundled_model, bundled_scenes
+    from maft.evaluation import evaluate_on_dataset
+
+    dataset, classes = bundled_scenes([(96, 96)] * 5)  # 5: the last batch of 2 is short
+    model, processor = bundled_model()
+    class_names, unseen = classes["class_names"], classes["unseen_class_names"]
+    one_at_a_time = evaluate_on_dataset(model, processor, dataset, class_names, unseen_class_names=unseen, batch_size=1)
+    batched = evaluate_on_dataset(model, processor, dataset, class_names, unseen_class_names=unseen, batch_size=2)
+    assert json.dumps(batched) == json.dumps(one_at_a_time)  # exact, NaN included
+    assert 30 < one_at_a_time["mIoU"] < 100 and one_at_a_time["hIoU"] > 0  # the bundled model segments its scenes
+    with pytest.raises(ValueError, match="`batch_size` must be at least 1, got 0"):
+        evaluate_on_dataset(model, processor, dataset, class_names, batch_size=0)
+
+
+def test_a_batch_of_different_sizes_predicts_each_image_at_its_own_size():
+    from helpers import bundled_model, bundled_scenes
+    from maft.evaluation import evaluate_on_dataset
+
+    dataset, classes = bundled_scenes([(96, 96), (64, 128), (112, 80)])
+    model, processor = bundled_model()
+    one_at_a_time = evaluate_on_dataset(model, processor, dataset, classes["class_names"], batch_size=1)
+    batched = evaluate_on_dataset(model, processor, dataset, classes["class_names"], batch_size=3)
+    # Each prediction has its own label map's size (StreamingConfusionMatrix.update refuses others). The proposal
+    # network sees the batch's padding (issue 13): on these three scenes pACC moves by 1.7 points (75.9 -> 77.6), mIoU,
+    # over a few classes, by 15; hence batch size 1 by default.
+    assert batched["pACC"] == pytest.approx(one_at_a_time["pACC"], abs=5)
+    assert json.dumps(batched) != json.dumps(one_at_a_time)
+
+
+@pytest.mark.parametrize("num_examples", [5, 1], ids=["uneven shards", "fewer examples than processes"])
+def test_two_processes_evaluate_each_example_once_with_the_numbers_of_one(tmp_path, num_examples):
+    from helpers import bundled_model, bundled_scenes, launch_two_processes, save_labelled_dataset
+    from maft.cli import main
+
+    examples, classes = bundled_scenes([(96, 96), (64, 128), (112, 80), (96, 72), (80, 96)][:num_examples])
+    save_labelled_dataset(examples, tmp_path / "data")
+    for part in bundled_model():
+        part.save_pretrained(tmp_path / "model")
+    arguments = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"),
+                 "--class-names", ", ".join(classes["class_names"]),
+                 "--unseen-class-names", ", ".join(classes["unseen_class_names"])]
+    assert main([*arguments, "--output", str(tmp_path / "one.json")]) == 0
+    result = launch_two_processes(["-m", "maft", *arguments, "--output", str(tmp_path / "two.json")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank, size in enumerate([(num_examples + 1) // 2, num_examples // 2]):
+        assert f"maft: process {rank} of 2 evaluates {size} of {num_examples} examples" in result.stderr, result.stderr[-3000:]
+    assert result.stdout.count("| mIoU |") == 1  # the main process reports
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["mIoU"] > 10 and one["pACC"] > 30  # the bundled model's predictions, not a constant class
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "model", "one.json", "two.json"]  # no temporary file left

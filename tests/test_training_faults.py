@@ -1,6 +1,7 @@
 """Training under faults: damaged checkpoints, signals, a full disk, bad data, a Hub that refuses, dies or hangs."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -14,18 +15,20 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 
-from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
-from maft.training import MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, complete_checkpoints, train
+from helpers import CLASS_NAMES, launch_two_processes, synthetic_dataset, tiny_model, tiny_processor
+from maft.training import (
+    MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, best_checkpoint, complete_checkpoints, train,
+)
 from maft.training.checkpoints import MANIFEST_NAME, checkpoint_problem
 from maft.training.publishing import HubPublisher
 
 
-def run_tiny(output_dir, dataset=None, max_steps=2, **run_settings):
+def run_tiny(output_dir, dataset=None, max_steps=2, evaluator=None, **run_settings):
     recipe = MASK_AWARE_FINE_TUNING_RECIPE.replace(batch_size=2, max_steps=max_steps, learning_rate=1e-3)
     arguments = MaftTrainingArguments(output_dir=str(output_dir), recipe=recipe, **{"save_steps": 1, **run_settings})
     processor = tiny_processor()
     return train(tiny_model(), processor, synthetic_dataset() if dataset is None else dataset, MaftTrainingCollator(processor),
-                 CLASS_NAMES, arguments)
+                 CLASS_NAMES, arguments, evaluator=evaluator)
 
 
 def checkpoint_names(output_dir) -> list[str]:
@@ -69,6 +72,43 @@ def test_checkpoints_are_limited_to_the_newest_and_hold_the_weights_once(tmp_pat
     assert weight_files == ["model/model.safetensors"]
     with pytest.raises(ValueError, match="`save_total_limit` must be at least 1"):
         MaftTrainingArguments(output_dir="x", save_total_limit=0)
+
+
+class ScriptedEvaluator:
+    """Metrics given in advance, one set per evaluation, so that the best checkpoint is a chosen older one. Like
+    `evaluate_on_dataset` it puts the model in eval mode; it records whether training had put it back in train mode."""
+
+    def __init__(self, metrics: list[dict[str, float]]):
+        self.metrics, self.modes = list(metrics), []
+
+    def __call__(self, model, processor, device):
+        self.modes.append(model.training)
+        model.eval()
+        return self.metrics.pop(0)
+
+
+def test_the_best_evaluated_checkpoint_outlives_the_rotation(tmp_path, capsys):
+    evaluator = ScriptedEvaluator([{"mIoU": value} for value in (10.0, 50.0, 20.0, 30.0, 40.0)])
+    run_tiny(tmp_path, max_steps=5, save_total_limit=2, evaluator=evaluator)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]  # the newest 2 and the best
+    assert json.loads((tmp_path / "checkpoint-2" / "eval_results.json").read_text()) == {"mIoU": 50.0}
+    assert checkpoint_problem(tmp_path / "checkpoint-2") is None  # the evaluation is part of the checkpoint
+    assert best_checkpoint(tmp_path) == (tmp_path / "checkpoint-2", "mIoU", 50.0)
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == {"mIoU": 40.0}  # the final model's
+    err = capsys.readouterr().err
+    assert "maft: evaluation at step 5: mIoU 40.00" in err and "maft: best checkpoint by mIoU: checkpoint-2 (mIoU 50.00)" in err
+
+
+def test_with_unseen_classes_the_best_is_chosen_by_hiou_every_eval_steps(tmp_path, capsys):
+    scripted = [{"mIoU": 10.0, "hIoU": 60.0}, {"mIoU": 90.0, "hIoU": 20.0}, {"mIoU": 90.0, "hIoU": 30.0}]
+    evaluator = ScriptedEvaluator(scripted)
+    run_tiny(tmp_path, max_steps=5, save_total_limit=1, eval_steps=2, evaluator=evaluator)
+    assert evaluator.metrics == [] and evaluator.modes == [True, True, True]  # steps 2, 4 and the last
+    assert "maft: evaluation at step 4: mIoU 90.00, hIoU 20.00" in capsys.readouterr().err
+    assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-5"]
+    assert best_checkpoint(tmp_path) == (tmp_path / "checkpoint-2", "hIoU", 60.0)
+    with pytest.raises(ValueError, match=r"`eval_steps` must be a positive multiple of `save_steps` \(2\).*got 3"):
+        MaftTrainingArguments(output_dir="x", save_steps=2, eval_steps=3)
 
 
 def test_a_full_disk_is_one_error_naming_the_checkpoint(tmp_path, monkeypatch):
@@ -254,12 +294,7 @@ SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""
 def test_a_slow_process_is_waited_for_before_a_checkpoint_counts_as_complete(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(SLOW_SECOND_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), output_dir=str(tmp_path / "out")))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "0", str(script)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
-    )
+    result = launch_two_processes([str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert checkpoint_names(tmp_path / "out") == ["checkpoint-1"] and not (tmp_path / "out" / "checkpoint-1.partial").exists()

@@ -1,7 +1,7 @@
 """Training MAFT: one recipe per stage, the Accelerate loop, and `transformers.Trainer` with the same recipe."""
 
 from .collator import MaftTrainingCollator
-from .loop import MaftTrainingArguments, complete_checkpoints, train, train_from_pretrained
+from .loop import Evaluator, MaftTrainingArguments, best_checkpoint, complete_checkpoints, train, train_from_pretrained
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, PROPOSAL_GENERATOR_RECIPE, RECIPES, TrainingRecipe, get_recipe
 from .trainer import MaftTrainer, trainer_arguments
 
@@ -10,10 +10,12 @@ __all__ = [
     "MASK_AWARE_FINE_TUNING_RECIPE",
     "PROPOSAL_GENERATOR_RECIPE",
     "RECIPES",
+    "Evaluator",
     "MaftTrainer",
     "MaftTrainingArguments",
     "MaftTrainingCollator",
     "TrainingRecipe",
+    "best_checkpoint",
     "complete_checkpoints",
     "get_recipe",
     "train",

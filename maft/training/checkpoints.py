@@ -1,8 +1,9 @@
 """Checkpoints of the Accelerate loop: written by every process before they count as complete, checked before a
-resume uses them, limited in number, and a full disk reported as such."""
+resume uses them, limited in number (the best evaluated one kept), and a full disk reported as such."""
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from ..output_files import write_json
 from ..processing_maft import MaftProcessor
 
 
@@ -23,6 +25,8 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 MODEL_FOLDER = "model"
 # Where `prune_checkpoints` moves a checkpoint before deleting it, so that a half-deleted one never looks complete.
 STALE_SUFFIX = ".stale"
+# The metrics of the model of a checkpoint evaluated during training (`maft.evaluation.evaluate_on_dataset`).
+EVALUATION_NAME = "eval_results.json"
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -35,6 +39,27 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     directory = Path(output_dir)
     checkpoints = [path for path in directory.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()]
     return sorted(checkpoints, key=checkpoint_step)
+
+
+def selection_metric(results: dict[str, float]) -> str:
+    """The metric that ranks evaluated checkpoints: hIoU when the evaluation has unseen classes, else mIoU."""
+    return "hIoU" if "hIoU" in results else "mIoU"
+
+
+def best_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, str, float] | None:
+    """The complete checkpoint whose recorded evaluation is best by `selection_metric` (the newer on a tie; NaN
+    ranks last), with the metric's name and value; None when no checkpoint holds an evaluation."""
+    best = None
+    for checkpoint in complete_checkpoints(output_dir):
+        path = checkpoint / EVALUATION_NAME
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text())
+        metric = selection_metric(results)
+        value = results[metric]
+        if best is None or math.isnan(best[2]) or value >= best[2]:
+            best = (checkpoint, metric, value)
+    return best
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -68,7 +93,8 @@ class CheckpointStore:
     The checkpoints of one run in `output_dir`. `checkpoint-N` holds the Accelerate training state (optimizer,
     scheduler, sampler, every process's random states) and, in `model/`, the `save_pretrained` model and processor.
     The model weights are stored once, in `model/`: Accelerate's copy of them is left out of the state and resuming
-    reads `model/`. Only the newest `total_limit` checkpoints are kept (all with None).
+    reads `model/`. Only the newest `total_limit` checkpoints are kept (all with None), and beside them the
+    `best_checkpoint` of those evaluated during training (`eval_results.json` in the checkpoint).
     """
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_limit: int | None):
@@ -77,9 +103,10 @@ class CheckpointStore:
         accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
 
     def save(self, model, processor: MaftProcessor, step: int, card: ModelCard | None = None,
-             protected: set[Path] = frozenset()) -> Path:
-        """Writes `checkpoint-{step}` as `checkpoint-{step}.partial`, renamed once every process's files are in it;
-        then removes the oldest checkpoints beyond the limit except `protected` ones (e.g. being uploaded)."""
+             protected: set[Path] = frozenset(), evaluation: dict[str, float] | None = None) -> Path:
+        """Writes `checkpoint-{step}` (with the model's `evaluation`, if given) as `checkpoint-{step}.partial`, renamed
+        once every process's files are in it; then removes the oldest checkpoints beyond the limit except the best
+        evaluated one and `protected` ones (e.g. being uploaded)."""
         accelerator = self.accelerator
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         partial = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.partial"
@@ -94,6 +121,8 @@ class CheckpointStore:
                 processor.save_pretrained(partial / MODEL_FOLDER)
                 if card is not None:
                     card.save(partial / MODEL_FOLDER / "README.md")
+                if evaluation is not None:
+                    write_json(partial / EVALUATION_NAME, evaluation)
         except (OSError, RuntimeError) as error:
             failure = error
         # also the barrier: no process's files are missing once every process has reported
@@ -136,14 +165,17 @@ class CheckpointStore:
                 + (f"the newest complete checkpoint is {newest[-1]}." if newest else "there is no complete checkpoint yet."))
 
     def prune(self, protected: set[Path]) -> None:
-        """Deletes the oldest checkpoints beyond the limit, first renamed `*.stale` so that none is ever half there."""
+        """Deletes the oldest checkpoints beyond the limit but the best evaluated one, first renamed `*.stale` so that
+        none is ever half there."""
         for leftover in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*{STALE_SUFFIX}"):
             shutil.rmtree(leftover, ignore_errors=True)
         if self.total_limit is None:
             return
         checkpoints = complete_checkpoints(self.output_dir)
+        best = best_checkpoint(self.output_dir)
+        kept = set(protected) | ({best[0]} if best else set())
         for checkpoint in checkpoints[: max(0, len(checkpoints) - self.total_limit)]:
-            if checkpoint not in protected:
+            if checkpoint not in kept:
                 stale = checkpoint.with_name(checkpoint.name + STALE_SUFFIX)
                 os.replace(checkpoint, stale)
                 shutil.rmtree(stale)

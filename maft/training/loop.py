@@ -1,12 +1,13 @@
 """The Accelerate training loop of MAFT (DESIGN.md §4): exact resumption, checkpoints that survive interruption
 (signals, a crash, a full disk, another process being slow), and checkpoints published to the Hub in the background."""
 
+import json
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,19 +22,27 @@ from tqdm.auto import tqdm
 
 from ..modeling_maft import MaftClipVisionModel, MaftModel
 from ..processing_maft import MaftProcessor
-from .checkpoints import CheckpointStore, complete_checkpoints
+from ..output_files import write_json
+from .checkpoints import EVALUATION_NAME, CheckpointStore, best_checkpoint, complete_checkpoints
 from .collator import EpochIndexedDataset, MaftTrainingCollator
 from .publishing import HubPublisher
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, TrainingRecipe
 
 
 logger = logging.getLogger("maft.training")
+# model, processor, device -> metrics; called by every process (`maft.evaluation.EvaluationSet` shards its dataset)
+Evaluator = Callable[[MaftModel, MaftProcessor, torch.device], dict[str, float]]
+# the metrics that go to the console and the trackers at each evaluation (not the per-class ones)
+HEADLINE_METRICS = ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU")
 
 
 @dataclass
 class MaftTrainingArguments:
     """How a run goes (where it writes, how often it saves and logs, where it publishes); how it trains is the
-    `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all).
+    `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all), and
+    with an evaluator the best evaluated one too. With an evaluator (`train(..., evaluator=...)`), the model is
+    evaluated every `eval_steps` (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's)
+    and at the last step.
     `hub_timeout` bounds every Hub request, in seconds; at the end of training the last upload is waited for at most
     `hub_timeout * hub_upload_retries` seconds. Every `logging_steps`, the losses, learning rate and samples per
     second go to the console and to `trackers` (Accelerate's: names such as "tensorboard", or tracker objects). `base_model` and `dataset_name` (what training started from and ran
@@ -45,6 +54,7 @@ class MaftTrainingArguments:
     mixed_precision: str = "no"
     save_steps: int = 100
     save_total_limit: int | None = 3
+    eval_steps: int | None = None
     logging_steps: int = 10
     resume: bool = False
     push_to_hub: bool = False
@@ -69,6 +79,9 @@ class MaftTrainingArguments:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"`save_total_limit` must be at least 1 (or None to keep every checkpoint), got {self.save_total_limit}.")
+        if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps % self.save_steps):
+            raise ValueError(f"`eval_steps` must be a positive multiple of `save_steps` ({self.save_steps}), so that every "
+                             f"evaluation is recorded in a checkpoint; got {self.eval_steps}.")
         if self.hub_timeout <= 0:
             raise ValueError(f"`hub_timeout` must be positive (seconds), got {self.hub_timeout}.")
 
@@ -122,6 +135,7 @@ def train(
     class_names: Sequence[str],
     arguments: MaftTrainingArguments,
     teacher: MaftClipVisionModel | None = None,
+    evaluator: Evaluator | None = None,
 ) -> MaftModel:
     """
     Trains `model` with `arguments.recipe` on `train_dataset` (a map-style dataset whose items `collate_fn` turns into
@@ -134,6 +148,11 @@ def train(
     raise `SystemExit(130 / 143)`. With `push_to_hub`, Hub access is checked before step 1 (PermissionError or
     ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`). Labels outside `class_names`
     raise a ValueError naming the example, before it is trained on.
+
+    With an `evaluator` (e.g. `maft.evaluation.EvaluationSet`), every process evaluates the model every
+    `eval_steps` and at the end: the metrics go to the console, the trackers (`eval_` prefix) and the checkpoint
+    (`eval_results.json`); the checkpoint limit keeps the best one by hIoU, or mIoU without unseen classes; the last
+    evaluation is written to `output_dir/eval_results.json`.
     """
     recipe, output_dir = arguments.recipe, Path(arguments.output_dir)
     if len(train_dataset) == 0:
@@ -172,6 +191,7 @@ def train(
     store = CheckpointStore(accelerator, output_dir, arguments.save_total_limit)
     step = resume_step(store, model) if arguments.resume else 0
     batches_per_step = arguments.gradient_accumulation_steps
+    eval_steps = arguments.eval_steps or arguments.save_steps
     samples_per_step = recipe.batch_size * batches_per_step * accelerator.num_processes
     progress = tqdm(total=recipe.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     recipe.set_training_modes(accelerator.unwrap_model(model))
@@ -210,9 +230,12 @@ def train(
                             f"{name} {value:.3g}" if name != "learning_rate" else f"{name} {value:.2e}" for name, value in record.items()))
                     last_log = (step, time.perf_counter())
                 signal_number = stop.requested(accelerator)
+                evaluation = None
+                if evaluator is not None and not signal_number and (step % eval_steps == 0 or step == recipe.max_steps):
+                    evaluation = evaluate_during_training(accelerator, model, processor, evaluator, recipe, step)
                 if step % arguments.save_steps == 0 or step == recipe.max_steps or signal_number:
                     card = training_model_card(arguments, step, losses) if accelerator.is_main_process else None
-                    checkpoint = save_checkpoint(store, model, processor, step, card, publisher)
+                    checkpoint = save_checkpoint(store, model, processor, step, card, publisher, evaluation)
                 if signal_number:
                     progress.close()
                     stop_after_signal(signal_number, step, checkpoint, publisher, arguments)
@@ -220,8 +243,34 @@ def train(
                     break
     progress.close()
     finish_publishing(publisher, arguments)
+    if evaluator is not None and accelerator.is_main_process:
+        report_evaluations(output_dir)
     accelerator.end_training()
     return accelerator.unwrap_model(model)
+
+
+def evaluate_during_training(accelerator: Accelerator, model, processor: MaftProcessor, evaluator: Evaluator,
+                             recipe: TrainingRecipe, step: int) -> dict[str, float]:
+    """The evaluator's metrics of the model at `step`, shown and logged; the model goes back to its training modes."""
+    unwrapped = accelerator.unwrap_model(model)
+    results = evaluator(unwrapped, processor, accelerator.device)
+    recipe.set_training_modes(unwrapped)
+    headline = {name: results[name] for name in HEADLINE_METRICS if name in results}
+    accelerator.log({f"eval_{name}": value for name, value in headline.items()}, step=step)
+    announce(f"maft: evaluation at step {step}: " + ", ".join(f"{name} {value:.2f}" for name, value in headline.items()))
+    return results
+
+
+def report_evaluations(output_dir: Path) -> None:
+    """Copies the last checkpoint's evaluation to `output_dir/eval_results.json` and names the best checkpoint (a run
+    resumed after its last step, from checkpoints written without evaluation, has neither)."""
+    last = complete_checkpoints(output_dir)[-1] / EVALUATION_NAME
+    if last.is_file():
+        write_json(output_dir / EVALUATION_NAME, json.loads(last.read_text()))
+    best = best_checkpoint(output_dir)
+    if best is not None:
+        checkpoint, metric, value = best
+        announce(f"maft: best checkpoint by {metric}: {checkpoint.name} ({metric} {value:.2f})")
 
 
 def resume_step(store: CheckpointStore, model) -> int:
@@ -254,10 +303,10 @@ def open_publisher(accelerator: Accelerator, arguments: MaftTrainingArguments) -
 
 
 def save_checkpoint(store: CheckpointStore, model, processor: MaftProcessor, step: int, card: ModelCard | None,
-                    publisher: HubPublisher | None) -> Path:
-    """Writes the checkpoint of `step` and queues it for the Hub."""
+                    publisher: HubPublisher | None, evaluation: dict[str, float] | None = None) -> Path:
+    """Writes the checkpoint of `step` (with the model's evaluation, if any) and queues it for the Hub."""
     protected = publisher.folders_in_use() if publisher is not None else set()
-    checkpoint = store.save(model, processor, step, card, protected)
+    checkpoint = store.save(model, processor, step, card, protected, evaluation)
     if publisher is not None:
         publisher.publish(step, checkpoint / "model")
     return checkpoint
@@ -284,17 +333,18 @@ def train_from_pretrained(
     arguments: MaftTrainingArguments,
     label_ignore_index: int | None = None,
     augment: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> MaftModel:
     """
     `train` of the model and processor saved at `init_from` (a folder or Hub id) on `train_dataset` (columns image
     and label), with the recipe's augmentation unless `augment` is False; the trained model and its processor are
     saved to `arguments.output_dir` (by the main process only, under `accelerate launch`). `label_ignore_index` is the
-    dataset's label of unlabelled pixels when it is not the processor's.
+    dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`.
     """
     model, processor = MaftModel.from_pretrained(init_from), MaftProcessor.from_pretrained(init_from)
     collator = MaftTrainingCollator(processor, augmentation=arguments.recipe.augmentation if augment else None,
                                     seed=arguments.recipe.seed, label_ignore_index=label_ignore_index)
-    trained = train(model, processor, train_dataset, collator, class_names, arguments)
+    trained = train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)
     if PartialState().is_main_process:
         trained.save_pretrained(arguments.output_dir)
         processor.save_pretrained(arguments.output_dir)
@@ -337,4 +387,4 @@ def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dic
     return maft_model_card(name, text, **metadata)
 
 
-__all__ = ["MaftTrainingArguments", "complete_checkpoints", "train", "train_from_pretrained"]
+__all__ = ["Evaluator", "MaftTrainingArguments", "best_checkpoint", "complete_checkpoints", "train", "train_from_pretrained"]
