@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--batch-size", type=positive_int, default=1,
-                           help="images per forward pass (default: 1, as the original evaluates; batches pad images of "
-                                "different sizes to the largest, which changes the proposals slightly)")
+                           help="images per forward pass (default: 1, as the original evaluates; any batch size gives "
+                                "the same metrics)")
     evaluator.add_argument("--device", help=DEVICE_HELP)
     evaluator.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     evaluator.set_defaults(handler=evaluate_command)

@@ -983,7 +983,7 @@ class MaftModel(MaftPreTrainedModel):
             )
             order += indices
         inverse = torch.argsort(torch.tensor(order, device=pixel_values.device))
-        mask_size = max((part.masks_queries_logits.shape[-2:] for part in parts), key=lambda size: size[0] * size[1])
+        mask_size = [max(part.masks_queries_logits.shape[dim] for part in parts) for dim in (-2, -1)]
 
         def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
             if tensors[0].dim() == 4:

@@ -27,10 +27,9 @@ def evaluate_on_dataset(model, processor, dataset, class_names: Sequence[str], i
     Segments every example of `dataset` (columns image and label) into `class_names` at test-time resolution and
     returns `StreamingConfusionMatrix.compute` over all of them. The vocabulary is encoded once.
 
-    `batch_size` images go through the model at a time, padded to the batch's largest (each prediction is cropped to
-    its image and resized to its label map). Padding changes what the proposal network sees, so batches of images of
-    different sizes give slightly different predictions than one image at a time (the original evaluates one at a
-    time); batches of equal-sized images give the same.
+    `batch_size` images go through the model at a time; the model segments each at its own padded size and each
+    prediction is resized to its label map, so every batch size gives the metrics of one image at a time (as the
+    original evaluates).
 
     Under `accelerate launch`, every process must call this: each takes a contiguous shard of the dataset (the first
     `len(dataset) % num_processes` processes one example more; a process may get none), and the confusion matrices are
