@@ -163,7 +163,7 @@ class MaftConfig(PreTrainedConfig):
     encoder_dropout (`float`, *optional*, defaults to 0.1):
         Dropout of the pixel decoder's layers.
     deformable_attention_backend (`str`, *optional*, defaults to `"auto"`):
-        Implementation of multi-scale deformable attention: "auto", "cuda", "cpu" or "pytorch" (see `maft.kernels`;
+        Implementation of multi-scale deformable attention: "auto", "cuda", "cpu" or "pytorch" (see `maft.deformable_attention`;
         the environment variable `MAFT_DEFORMABLE_ATTENTION_BACKEND` overrides it).
     context_attention_dim (`int`, *optional*, defaults to 2048), context_attention_heads (`int`, *optional*, defaults to 8):
         Inner width and heads of the text-to-pixel context interaction.

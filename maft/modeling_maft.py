@@ -20,7 +20,7 @@ from transformers.utils import is_torchdynamo_compiling, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
-from .kernels import MultiScaleDeformableAttention
+from .deformable_attention import MultiScaleDeformableAttention
 
 
 logger = logging.get_logger(__name__)
