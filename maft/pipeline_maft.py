@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 
+from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary
 from .modeling_maft import MaftModelOutput
 from .processing_maft import ImageLike, to_rgb_array
 
 
-TASK = "zero-shot-image-segmentation"
 
 
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
@@ -128,3 +128,10 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
                 mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
                 segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
         return segments
+
+
+def custom_pipelines() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` of a saved model's config (the format of `Pipeline.save_pretrained`): the pipeline's
+    class in this file, which the model folder carries, so that `pipeline(...)` finds it as remote code."""
+    implementation = f"{__name__.rsplit('.', 1)[-1]}.{ZeroShotImageSegmentationPipeline.__name__}"
+    return {TASK: {"impl": implementation, "pt": ["AutoModel"], "type": "multimodal"}}
