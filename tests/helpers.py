@@ -158,14 +158,14 @@ sys.meta_path.insert(0, RefuseMaft())
 """
 
 
-def run_without_maft(code: str, cwd, environment: dict[str, str] | None = None, timeout: float = 600) -> str:
+def run_without_maft(code: str, tmp_path, environment: dict[str, str] | None = None, cwd=None, timeout: float = 600) -> str:
     """Runs `code` in a fresh Python (this interpreter, isolated: no PYTHONPATH, no current folder on sys.path) where
-    `import maft` fails, with transformers' remote-code cache under `cwd`; returns its standard output, or fails the
-    test with its standard error."""
-    env = {**os.environ, "HF_MODULES_CACHE": str(cwd / "hf_modules"), "OMP_NUM_THREADS": "1", **(environment or {})}
+    `import maft` fails, in `cwd` (default `tmp_path`) with transformers' remote-code cache in `tmp_path`; returns its
+    standard output, or fails the test with its standard error."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1", **(environment or {})}
     env.pop("PYTHONPATH", None)
     process = subprocess.run(
-        [sys.executable, "-I", "-c", _REFUSE_MAFT + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-I", "-c", _REFUSE_MAFT + code], cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert process.returncode == 0, f"the process without maft failed:\n{process.stderr[-6000:]}"
     return process.stdout
