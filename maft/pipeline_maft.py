@@ -2,6 +2,7 @@
 segments images into any list of class names, with the output format of transformers' `image-segmentation`."""
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,6 @@ from transformers import Pipeline
 
 from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary
-from .modeling_maft import MaftModelOutput
 from .processing_maft import ImageLike, to_rgb_array
 
 
@@ -111,7 +111,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         }
 
     def postprocess(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
-        outputs = MaftModelOutput(
+        # What post-processing reads of a MaftModelOutput (this file does not import the model's: modeling_maft.py
+        # imports it, to save it with the model).
+        outputs = SimpleNamespace(
             class_queries_logits=model_outputs["class_queries_logits"].float(),
             masks_queries_logits=model_outputs["masks_queries_logits"].float(),
             image_sizes=model_outputs["image_sizes"],
