@@ -15,8 +15,6 @@ from .inference import encode_vocabulary
 from .processing_maft import ImageLike, to_rgb_array
 
 
-
-
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
     """The candidate labels as a tuple (the text-embedding cache key); refuses anything but a non-empty list of names."""
     if not isinstance(candidate_labels, (list, tuple)) or not candidate_labels:

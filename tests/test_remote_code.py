@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers.dynamic_module_utils import get_imports
 
 from helpers import (
-    CUSTOM_PIPELINES,
     REMOTE_CODE_FILES,
     assert_carries_remote_code,
     folder_files,
