@@ -39,7 +39,7 @@ def workload(batch_size: int, device: str):
 
 
 def implementations(device: str):
-    from maft.kernels import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
+    from maft.deformable_attention import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
 
     shapes_list = list(SHAPES)
     return {

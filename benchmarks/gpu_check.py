@@ -210,7 +210,7 @@ def non_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 def run_attention(case: dict, device: str, dtype: torch.dtype, backend: str) -> list[torch.Tensor]:
     """Output and the gradients of value, locations and weights, as float32 on the CPU."""
-    from maft.kernels import multi_scale_deformable_attention
+    from maft.deformable_attention import multi_scale_deformable_attention
 
     tensors = [case[key].to(device=device, dtype=dtype) for key in ("value", "locations", "weights")]
     if case.get("non_contiguous"):
@@ -250,7 +250,7 @@ def check_parity(arguments) -> dict:
 
 
 def check_gradients_numerically(arguments) -> dict:
-    from maft.kernels import multi_scale_deformable_attention
+    from maft.deformable_attention import multi_scale_deformable_attention
 
     case = random_inputs([(5, 4), (3, 2)], batch=1, queries=3, seed=5)
     value = case["value"][:, :, :2, :3].double().to(arguments.device).requires_grad_()
@@ -268,7 +268,7 @@ def check_gradients_numerically(arguments) -> dict:
 
 def kernel_implementations(device: str, shapes: list[tuple[int, int]]) -> dict[str, Callable]:
     """The three implementations, each given the shapes as int pairs (maft's kernel then needs no host sync)."""
-    from maft.kernels import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
+    from maft.deformable_attention import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
 
     return {
         f"maft {device} kernel": lambda v, l, w: multi_scale_deformable_attention(v, shapes, None, l, w, backend=device),

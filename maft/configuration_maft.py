@@ -11,6 +11,9 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# The task of MAFT's pipeline (`pipeline_maft.py`), which saved models name in `custom_pipelines`.
+PIPELINE_TASK = "zero-shot-image-segmentation"
+
 # Attributes that configurations saved by maft 0.1.0.dev0 carry, now owned by the training recipe or the processor.
 RETIRED_MAFT_CONFIG_ATTRIBUTES = (
     "training_stage", "use_distillation_teacher", "ignore_index", "clip_image_size", "prompt_templates",
@@ -163,7 +166,7 @@ class MaftConfig(PreTrainedConfig):
     encoder_dropout (`float`, *optional*, defaults to 0.1):
         Dropout of the pixel decoder's layers.
     deformable_attention_backend (`str`, *optional*, defaults to `"auto"`):
-        Implementation of multi-scale deformable attention: "auto", "cuda", "cpu" or "pytorch" (see `maft.kernels`;
+        Implementation of multi-scale deformable attention: "auto", "cuda", "cpu" or "pytorch" (see `maft.deformable_attention`;
         the environment variable `MAFT_DEFORMABLE_ATTENTION_BACKEND` overrides it).
     context_attention_dim (`int`, *optional*, defaults to 2048), context_attention_heads (`int`, *optional*, defaults to 8):
         Inner width and heads of the text-to-pixel context interaction.
@@ -232,6 +235,10 @@ class MaftConfig(PreTrainedConfig):
         retired = sorted(name for name in RETIRED_MAFT_CONFIG_ATTRIBUTES if kwargs.pop(name, None) is not None)
         if retired:
             logger.info(f"Ignoring {', '.join(retired)} of an older maft config: the training recipe and the processor own them now.")
+        if "custom_pipelines" in kwargs and pipeline_is_registered():
+            # transformers' `pipeline()` prefers a config's custom pipeline (remote code, behind `trust_remote_code`) to
+            # the registered one; where maft registered its own, that one runs. `MaftModel.save_pretrained` writes it.
+            del kwargs["custom_pipelines"]
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -268,9 +275,20 @@ class MaftConfig(PreTrainedConfig):
         return cls(**defaults)
 
 
+def pipeline_is_registered() -> bool:
+    """Whether transformers' pipeline registry runs `PIPELINE_TASK` in this process (importing maft's classes registers
+    it), so that a saved model's copy of the pipeline (remote code) is not needed."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    return PIPELINE_TASK in PIPELINE_REGISTRY.supported_tasks
+
+
 AutoConfig.register(MaftClipVisionConfig.model_type, MaftClipVisionConfig)
 AutoConfig.register(MaftDeepLabResNetConfig.model_type, MaftDeepLabResNetConfig)
 AutoConfig.register(MaftConfig.model_type, MaftConfig)
+# save_pretrained writes this file and an `auto_map` beside the config, so transformers alone loads it (remote code).
+MaftClipVisionConfig.register_for_auto_class()
+MaftConfig.register_for_auto_class()
 
 
 __all__ = ["MaftClipVisionConfig", "MaftConfig", "MaftDeepLabResNetConfig"]

@@ -20,7 +20,7 @@ from transformers.utils import is_torchdynamo_compiling, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
-from .kernels import MultiScaleDeformableAttention
+from .deformable_attention import MultiScaleDeformableAttention
 
 
 logger = logging.get_logger(__name__)
@@ -802,7 +802,8 @@ class MaftModel(MaftPreTrainedModel):
 
     def __init__(self, config: MaftConfig):
         super().__init__(config)
-        if isinstance(config.backbone_config, MaftDeepLabResNetConfig):
+        # by model_type: a model loaded as remote code can get its config from another copy of configuration_maft.py
+        if config.backbone_config.model_type == MaftDeepLabResNetConfig.model_type:
             self.backbone = MaftDeepLabResNet(config.backbone_config)
         else:
             self.backbone = MaftAutoBackbone(config)
@@ -838,6 +839,24 @@ class MaftModel(MaftPreTrainedModel):
         model.text_encoder.load_state_dict(text_encoder.state_dict())
         model.ip_clip.load_state_dict(ip_clip.state_dict())
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained` (and so `push_to_hub`), whose config also names the
+        `zero-shot-image-segmentation` pipeline in `custom_pipelines`: with the code files saved beside it (this
+        module, its relative imports, among them `pipeline_maft.py`), `AutoModel` and `pipeline(...)` load the folder
+        or Hub repository with `trust_remote_code=True` and transformers alone.
+        """
+        from .pipeline_maft import custom_pipelines  # a relative import: transformers copies that file with this one
+
+        loaded = self.config.__dict__.pop("custom_pipelines", None)
+        self.config.custom_pipelines = custom_pipelines()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:  # where maft registered its pipeline, that one runs the model in this process (see `MaftConfig`)
+            del self.config.custom_pipelines
+            if loaded is not None:
+                self.config.custom_pipelines = loaded
 
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -1052,9 +1071,12 @@ class MaftModel(MaftPreTrainedModel):
         return torch.cat([scores.clamp_min(torch.finfo(scores.dtype).tiny), remainder], dim=-1).log()
 
 
-register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")])
+# overwrite: each copy of this module (maft's, a model's remote code) registers the same mapping
+register_checkpoint_conversion_mapping("MaftClipVisionModel", [PrefixChange(prefix_to_remove="vision_model")], overwrite=True)
 AutoModel.register(MaftConfig, MaftModel, exist_ok=True)
 AutoModel.register(MaftClipVisionConfig, MaftClipVisionModel, exist_ok=True)
+MaftModel.register_for_auto_class("AutoModel")
+MaftClipVisionModel.register_for_auto_class("AutoModel")
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 segments images into any list of class names, with the output format of transformers' `image-segmentation`."""
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -9,12 +10,9 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 
+from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary
-from .modeling_maft import MaftModelOutput
 from .processing_maft import ImageLike, to_rgb_array
-
-
-TASK = "zero-shot-image-segmentation"
 
 
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
@@ -112,7 +110,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         }
 
     def postprocess(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
-        outputs = MaftModelOutput(
+        # What post-processing reads of a MaftModelOutput (this file does not import the model's: modeling_maft.py
+        # imports it, to save it with the model).
+        outputs = SimpleNamespace(
             class_queries_logits=model_outputs["class_queries_logits"].float(),
             masks_queries_logits=model_outputs["masks_queries_logits"].float(),
             image_sizes=model_outputs["image_sizes"],
@@ -130,3 +130,10 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
                 mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
                 segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
         return segments
+
+
+def custom_pipelines() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` of a saved model's config (the format of `Pipeline.save_pretrained`): the pipeline's
+    class in this file, which the model folder carries, so that `pipeline(...)` finds it as remote code."""
+    implementation = f"{__name__.rsplit('.', 1)[-1]}.{ZeroShotImageSegmentationPipeline.__name__}"
+    return {TASK: {"impl": implementation, "pt": ["AutoModel"], "type": "multimodal"}}

@@ -632,5 +632,8 @@ class MaftProcessor(ProcessorMixin):
 
 AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
 AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
+# save_pretrained writes this file and an `auto_map` beside the processor config, so transformers alone loads them.
+MaftImageProcessor.register_for_auto_class("AutoImageProcessor")
+MaftProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_rgb_array"]

@@ -1,6 +1,8 @@
-"""Test helpers shared by several test files: a tiny random model and processor, synthetic training data, and the
-benchmark datasets' original folder layouts."""
+"""Test helpers shared by several test files: a tiny random model and processor, synthetic training data, the
+benchmark datasets' original folder layouts, and what a saved model's remote code must be (and a Python without maft
+to run it in)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -125,8 +127,6 @@ def write_split(root, image_dir, label_dir, label_suffix, num_classes, ignore_in
 def bundled_scenes(sizes: list[tuple[int, int]]) -> tuple[list[dict], dict]:
     """The bundled model's example scenes (image and label map) in turn, each resized to the next (height, width) of
     `sizes` (labels by nearest neighbour), and their classes.json (class_names, unseen_class_names, ignore_index)."""
-    import json
-
     from maft.model_loading import default_model_path
 
     folder = default_model_path().parent / "examples"
@@ -147,3 +147,68 @@ def bundled_model() -> tuple[MaftModel, MaftProcessor]:
 
     path = default_model_path()
     return MaftModel.from_pretrained(path, deformable_attention_backend="pytorch").eval(), MaftProcessor.from_pretrained(path)
+
+
+# The code files a saved MAFT model carries (remote code), and the `auto_map`s naming their classes.
+REMOTE_CODE_FILES = {
+    "configuration_maft.py", "modeling_maft.py", "deformable_attention.py", "processing_maft.py", "pipeline_maft.py",
+    "inference.py",
+}
+MODEL_AUTO_MAP = {"AutoConfig": "configuration_maft.MaftConfig", "AutoModel": "modeling_maft.MaftModel"}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_maft.MaftProcessor"}
+CUSTOM_PIPELINES = {
+    "zero-shot-image-segmentation": {
+        "impl": "pipeline_maft.ZeroShotImageSegmentationPipeline", "pt": ["AutoModel"], "type": "multimodal",
+    }
+}
+
+
+def assert_carries_remote_code(files: dict[str, bytes]) -> None:
+    """`files` (name -> content, of a model folder or Hub repository) hold the package's code files and the config's
+    and processor config's `auto_map` and `custom_pipelines`, so that transformers alone loads them."""
+    import maft
+
+    package = os.path.dirname(maft.__file__)
+    for name in REMOTE_CODE_FILES:
+        with open(os.path.join(package, name), "rb") as module:
+            assert files[name] == module.read(), f"{name} differs from the package's"
+    config = json.loads(files["config.json"])
+    assert config["auto_map"] == MODEL_AUTO_MAP and config["custom_pipelines"] == CUSTOM_PIPELINES
+    processor_config = json.loads(files["processor_config.json"])
+    assert processor_config["auto_map"] == PROCESSOR_AUTO_MAP
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == "processing_maft.MaftImageProcessor"
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    """Name -> content of the files of `folder` (not its sub-folders)."""
+    return {entry.name: entry.read_bytes() for entry in folder.iterdir() if entry.is_file()}
+
+
+# Run first in `run_without_maft`: any import of maft fails, as where it is not installed.
+_REFUSE_MAFT = """
+import importlib.abc
+import sys
+
+
+class RefuseMaft(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "maft" or name.startswith("maft."):
+            raise ModuleNotFoundError(f"No module named {name!r} (this test runs without maft)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, RefuseMaft())
+"""
+
+
+def run_without_maft(code: str, tmp_path, environment: dict[str, str] | None = None, cwd=None, timeout: float = 600) -> str:
+    """Runs `code` in a fresh Python (this interpreter, isolated: no PYTHONPATH, no current folder on sys.path) where
+    `import maft` fails, in `cwd` (default `tmp_path`) with transformers' remote-code cache in `tmp_path`; returns its
+    standard output, or fails the test with its standard error."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1", **(environment or {})}
+    env.pop("PYTHONPATH", None)
+    process = subprocess.run(
+        [sys.executable, "-I", "-c", _REFUSE_MAFT + code], cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert process.returncode == 0, f"the process without maft failed:\n{process.stderr[-6000:]}"
+    return process.stdout

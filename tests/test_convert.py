@@ -9,6 +9,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from golden import golden_config, golden_state_dict, released_key_list
+from helpers import assert_carries_remote_code
 from maft import MaftConfig, MaftModel, MaftProcessor
 from maft.cli import main
 from maft.convert_original_maft_checkpoint import (
@@ -149,6 +150,7 @@ def test_convert_push_to_hub_gives_the_same_model_as_the_local_folder(hub_server
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"} <= set(files)
     assert len(hub_server.repositories["maft-org/maft-golden"].commits) == 2  # creation, then one upload of the folder
     assert all(files[path.name] == path.read_bytes() for path in output.iterdir())  # the folder, file for file
+    assert_carries_remote_code(files)
 
     local, pushed = MaftModel.from_pretrained(output), MaftModel.from_pretrained("maft-org/maft-golden")
     assert pushed.config.to_diff_dict() | {"_name_or_path": ""} == local.config.to_diff_dict() | {"_name_or_path": ""}
@@ -175,8 +177,8 @@ def test_the_converted_folder_has_a_model_card(tmp_path):
     arguments = ["convert", "--checkpoint", str(checkpoint), "--original-config", str(yaml_path), "--output-dir", str(output)]
     assert main(arguments) == 0
     card = ModelCard.load(output / "README.md")
-    assert card.data.library_name == "maft" and card.data.pipeline_tag == "image-segmentation"
-    assert card.data.model_name == "maft-golden"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+    assert card.data.model_name == "maft-golden" and "custom_code" in card.data.tags
     assert "model_final.pth" in card.text and 'model_id = "maft-golden"' in card.text
     # A curated card (as in model_cards/) replaces the generated one.
     curated = tmp_path / "card.md"

@@ -12,14 +12,13 @@ import pytest
 import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention as transformers_msda
 
-from maft.kernels import (
-    KernelBuildError,
+from maft import deformable_attention
+from maft.deformable_attention import (
     MultiScaleDeformableAttention,
-    load_extension,
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_pytorch,
 )
-from maft.kernels import extension, functional
+from maft.kernels import KernelBuildError, extension, load_extension, multi_scale_deformable_attention_compiled
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +110,7 @@ def test_kernel_operators_are_registered_consistently(cpu_kernel):
     """torch.library's checks of the custom operators: schema, fake implementation, autograd registration."""
     value, spatial_shapes, starts, locations, weights = random_inputs(batch=1, heads=2, channels=3, queries=3)
     arguments = (value.requires_grad_(), spatial_shapes, starts, locations.requires_grad_(), weights.requires_grad_())
-    torch.library.opcheck(functional._compiled_forward, arguments)
+    torch.library.opcheck(multi_scale_deformable_attention_compiled, arguments)
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def fresh_kernel_state(monkeypatch):
     """Forget earlier builds, failures and fallback warnings for the duration of the test."""
     monkeypatch.setattr(extension, "_loaded", {})
     monkeypatch.setattr(extension, "_failed", {})
-    monkeypatch.setattr(functional, "_warned_fallback", set())
+    monkeypatch.setattr(deformable_attention, "_warned_fallback", set())
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from helpers import CLASS_NAMES, random_image, save_training_inputs, synthetic_dataset, tiny_config, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, assert_carries_remote_code, random_image, save_training_inputs, synthetic_dataset, tiny_config, tiny_model, tiny_processor
 from maft import MaftModel
 from maft.training import (
     MASK_AWARE_FINE_TUNING_RECIPE,
@@ -192,7 +192,8 @@ def test_checkpoints_are_published_to_the_hub_with_a_model_card(tmp_path, hub_se
     files = hub_server.files("user/maft-trained")
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= set(files)
     card = ModelCard(files["README.md"].decode())
-    assert card.data.library_name == "maft" and card.data.model_name == "user/maft-trained"
+    assert card.data.library_name == "transformers" and card.data.model_name == "user/maft-trained"
+    assert_carries_remote_code(files)
     assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.datasets == ["user/scenes"]
     assert "step 4 of 4" in card.text and "| learning_rate | 0.001 |" in card.text and "| mask_aware_loss |" in card.text
     assert len(hub_server.repositories["user/maft-trained"].commits) == 3  # creation, step 2, step 4
@@ -229,6 +230,7 @@ def test_transformers_trainer_fine_tunes_stage_two_and_pushes_to_the_hub(tmp_pat
         name for name, _ in model.named_parameters() if MASK_AWARE_FINE_TUNING_RECIPE.is_trainable(name)}
     files = hub_server.files("user/maft-trainer")
     assert "model.safetensors" in files and "processor_config.json" in files
+    assert_carries_remote_code(files)
 
 
 @pytest.mark.parametrize("stage", ["maft", "proposals"])

@@ -1,15 +1,35 @@
-"""Multi-scale deformable attention: the PyTorch reference, the compiled kernels as torch custom operators, and the
-choice between them (DESIGN.md §7)."""
+"""Multi-scale deformable attention (Deformable DETR), as used by MAFT's pixel decoder (DESIGN.md §7): the layer, the
+PyTorch reference, and the choice between it and maft's compiled kernels (`maft.kernels`).
 
+This module is one of the files a saved model carries as remote code, so it imports maft only in the `try` below: where
+maft is not installed (a model loaded with transformers alone), "auto" warns once and uses the reference, and asking
+for a compiled backend raises `KernelBuildError`."""
+
+import math
 import operator
 import os
 import warnings
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from .extension import KernelBuildError, load_extension
+
+try:
+    from maft.kernels import KernelBuildError, load_extension, multi_scale_deformable_attention_compiled
+
+    KERNELS_MISSING = None
+except ModuleNotFoundError as error:
+    if error.name not in ("maft", "maft.kernels"):
+        raise
+    KERNELS_MISSING = (
+        "maft's compiled kernels are not installed (this model's code runs without the maft package; "
+        "`pip install maft` brings them)"
+    )
+
+    class KernelBuildError(RuntimeError):
+        """A compiled multi-scale deformable attention kernel could not be built or loaded; the message says why."""
 
 
 BACKENDS = ("auto", "cuda", "cpu", "pytorch")
@@ -58,59 +78,6 @@ def multi_scale_deformable_attention_pytorch(
     weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
     output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
-
-
-# The compiled kernels as torch custom operators, so that torch.compile captures them in its graph (their fake
-# implementations give the output shapes) and autograd differentiates them. Named after this module, so that a second
-# copy of it (a model's remote code) registers its own operators instead of clashing.
-_OPERATOR = f"maft::{__name__.replace('.', '_')}"
-
-
-@torch.library.custom_op(f"{_OPERATOR}_forward", mutates_args=())
-def _compiled_forward(
-    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    extension = load_extension(value.device.type)
-    return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-
-@_compiled_forward.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    batch_size, _, num_heads, head_dim = value.shape
-    return value.new_empty(batch_size, sampling_locations.shape[1], num_heads * head_dim)
-
-
-@torch.library.custom_op(f"{_OPERATOR}_backward", mutates_args=())
-def _compiled_backward(
-    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor, grad_output: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    extension = load_extension(value.device.type)
-    grad_value, grad_locations, grad_weights = extension.backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
-    )
-    return grad_value, grad_locations, grad_weights
-
-
-@_compiled_backward.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
-
-
-def _save_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _differentiate(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = _compiled_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
-    )
-    return grad_value, None, None, grad_locations, grad_weights
-
-
-_compiled_forward.register_autograd(_differentiate, setup_context=_save_inputs)
 
 
 def resolve_backend(backend: str) -> str:
@@ -168,13 +135,15 @@ def multi_scale_deformable_attention(
     if value.dtype not in COMPILED_DTYPES:
         supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in COMPILED_DTYPES)
         raise ValueError(f"the {backend} kernel supports {supported}; got {value.dtype}.")
+    if KERNELS_MISSING is not None:
+        raise KernelBuildError(f"the {backend} kernel cannot be used: {KERNELS_MISSING}; or use backend='pytorch'")
     tensors = [tensor.contiguous() for tensor in (value, sampling_locations, attention_weights)]
     if isinstance(spatial_shapes, torch.Tensor):
         shapes_tensor = spatial_shapes.to(device=value.device, dtype=torch.long).contiguous()
     else:
         shapes_tensor = torch.tensor(shapes, dtype=torch.long, device=value.device)
     starts = torch.tensor(_level_starts(shapes), dtype=torch.long, device=value.device)
-    return _compiled_forward(tensors[0], shapes_tensor, starts, tensors[1], tensors[2])
+    return multi_scale_deformable_attention_compiled(tensors[0], shapes_tensor, starts, tensors[1], tensors[2])
 
 
 @torch.compiler.assume_constant_result
@@ -185,6 +154,8 @@ def _why_not_compiled(device_type: str, dtype: torch.dtype) -> str | None:
         return f"there is no compiled kernel for {device_type} tensors"
     if dtype not in COMPILED_DTYPES:
         return f"the {device_type} kernel does not support {dtype}"
+    if KERNELS_MISSING is not None:
+        return KERNELS_MISSING
     try:
         load_extension(device_type)
     except KernelBuildError as error:
@@ -260,3 +231,85 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     if len(dtypes) > 1:
         raise ValueError(f"`value`, `sampling_locations` and `attention_weights` must share one dtype, got {dtypes}.")
     return shapes
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """
+    Multi-scale deformable attention (Deformable DETR) with the original parameter names (`sampling_offsets`,
+    `attention_weights`, `value_proj`, `output_proj`), so that original checkpoints convert by name.
+    """
+
+    def __init__(
+        self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+        im2col_step: int = 64, backend: str = "auto",
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads}).")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+        self.embed_dim, self.num_heads, self.num_levels, self.num_points = embed_dim, num_heads, num_levels, num_points
+        self.im2col_step, self.backend = im2col_step, backend
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Offsets start as each head looking in its own direction, at distance point index + 1 (DESIGN.md §7)."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        offsets = directions[:, None, None, :].repeat(1, self.num_levels, self.num_points, 1)
+        offsets *= torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(offsets.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for projection in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(projection.weight)
+            nn.init.zeros_(projection.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: torch.Tensor | Sequence[int] | None = None,
+        value_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        query (N, Lq, C); reference_points (N, Lq, L, 2) normalised (x, y), or (N, Lq, L, 4) boxes (x, y, w, h);
+        value (N, S, C); spatial_shapes (L, 2) (H, W) as an int64 tensor or a list of int pairs (no host sync);
+        level_start_index (L,), or None to derive it from the shapes; value_padding_mask (N, S) with True at padding.
+        Returns (N, Lq, C).
+        """
+        batch_size, num_queries, _ = query.shape
+        head_dim = self.embed_dim // self.num_heads
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(batch_size, -1, self.num_heads, head_dim)
+        offsets = self.sampling_offsets(query).view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).view(batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
+        weights = weights.softmax(-1).view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
+        if reference_points.shape[-1] == 2:
+            if isinstance(spatial_shapes, torch.Tensor):
+                normaliser = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], dim=-1).to(offsets)
+            else:
+                normaliser = torch.tensor([(width, height) for height, width in spatial_shapes]).to(offsets)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"`reference_points` must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}.")
+        output = multi_scale_deformable_attention(
+            value, spatial_shapes, level_start_index, locations, weights, self.im2col_step, self.backend
+        )
+        return self.output_proj(output)

@@ -1,0 +1,1 @@
+../../deformable_attention.py
