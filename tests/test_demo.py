@@ -17,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import run_without_maft
 from maft.demo import bundled_examples, write_space
 from maft.demo_app import SPACE_CONFIG, class_palette, parse_class_names
 from maft.model_loading import default_model_path
@@ -109,23 +110,29 @@ def test_write_space(tmp_path):
     for (image, class_names), (bundled_image, bundled_class_names) in zip(config["examples"], bundled_examples(), strict=True):
         assert (space / image).read_bytes() == Path(bundled_image).read_bytes() and class_names == bundled_class_names
 
-    # The Space's app builds its Blocks from its folder alone (run from elsewhere). maft is imported only to register
-    # MAFT with transformers: the bundled model folder does not carry remote code yet.
+    # The Space's app runs from its folder alone, in a Python where maft cannot be imported: the bundled model's remote
+    # code serves its pipeline.
     build = (
         "import sys\n"
-        "from maft import MaftModel\n"
         f"sys.path.insert(0, {str(space)!r})\n"
         "import app, gradio\n"
+        "from PIL import Image\n"
         f"demo = app.space_demo({str(space)!r})\n"
         "print(type(demo).__name__, sorted({type(block).__name__ for block in demo.blocks.values()}))\n"
+        "from transformers import pipeline\n"
+        f"segmenter = pipeline(app.TASK, model={model!r}, trust_remote_code=True)\n"
+        f"image, text = {config['examples'][0]!r}\n"
+        "class_names = app.parse_class_names(text)\n"
+        f"overlay, legend = app.segment_with_legend(segmenter, Image.open({str(space)!r} + '/' + image), class_names)\n"
+        "print(overlay.size, round(sum(entry['area'] for entry in legend), 1))\n"
     )
-    result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_environment(), timeout=300)
-    assert result.returncode == 0, result.stderr
-    kind, components = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    lines = run_without_maft(build, tmp_path, timeout=600).strip().splitlines()
+    kind, components = lines[-2].split(" ", 1)
     assert kind == "Blocks"
     for component in ("Image", "Textbox", "Button", "HTML", "Dataset"):  # Dataset: the examples
         assert component in components
+    with Image.open(space / config["examples"][0][0]) as example:
+        assert lines[-1] == f"{example.size} 100.0"
 
 
 def free_port() -> int:
