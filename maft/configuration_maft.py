@@ -11,8 +11,11 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# The task of MAFT's pipeline (`pipeline_maft.py`), which saved models name in `custom_pipelines`.
+# The task of MAFT's pipeline (`pipeline_maft.py`), which saved models name in `custom_pipelines`, and the Hub task that
+# model cards name, which saved models' `custom_pipelines` also point at it (remote code only: maft does not replace
+# transformers' own image-segmentation pipeline).
 PIPELINE_TASK = "zero-shot-image-segmentation"
+HUB_PIPELINE_TASK = "image-segmentation"
 
 # Attributes that configurations saved by maft 0.1.0.dev0 carry, now owned by the training recipe or the processor.
 RETIRED_MAFT_CONFIG_ATTRIBUTES = (
@@ -238,7 +241,7 @@ class MaftConfig(PreTrainedConfig):
         if "custom_pipelines" in kwargs and pipeline_is_registered():
             # transformers' `pipeline()` prefers a config's custom pipeline (remote code, behind `trust_remote_code`) to
             # the registered one; where maft registered its own, that one runs. `MaftModel.save_pretrained` writes it.
-            del kwargs["custom_pipelines"]
+            kwargs["custom_pipelines"] = {task: spec for task, spec in kwargs["custom_pipelines"].items() if task != PIPELINE_TASK}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

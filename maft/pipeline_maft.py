@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 
+from .configuration_maft import HUB_PIPELINE_TASK as HUB_TASK
 from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary
 from .processing_maft import ImageLike, to_rgb_array
@@ -134,6 +135,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
 
 def custom_pipelines() -> dict[str, dict[str, Any]]:
     """The `custom_pipelines` of a saved model's config (the format of `Pipeline.save_pretrained`): the pipeline's
-    class in this file, which the model folder carries, so that `pipeline(...)` finds it as remote code."""
+    class in this file, which the model folder carries, so that `pipeline(...)` finds it as remote code. It serves
+    "image-segmentation" too, the Hub task that model cards name (the Hub has no zero-shot segmentation task), so the
+    Hub's own `pipeline("image-segmentation", model=repo, trust_remote_code=True)` snippet runs it."""
     implementation = f"{__name__.rsplit('.', 1)[-1]}.{ZeroShotImageSegmentationPipeline.__name__}"
-    return {TASK: {"impl": implementation, "pt": ["AutoModel"], "type": "multimodal"}}
+    return {task: {"impl": implementation, "pt": ["AutoModel"], "type": "multimodal"} for task in (TASK, HUB_TASK)}

@@ -157,9 +157,8 @@ REMOTE_CODE_FILES = {
 MODEL_AUTO_MAP = {"AutoConfig": "configuration_maft.MaftConfig", "AutoModel": "modeling_maft.MaftModel"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_maft.MaftProcessor"}
 CUSTOM_PIPELINES = {
-    "zero-shot-image-segmentation": {
-        "impl": "pipeline_maft.ZeroShotImageSegmentationPipeline", "pt": ["AutoModel"], "type": "multimodal",
-    }
+    task: {"impl": "pipeline_maft.ZeroShotImageSegmentationPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+    for task in ("zero-shot-image-segmentation", "image-segmentation")
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers.dynamic_module_utils import get_imports
 
 from helpers import (
+    CUSTOM_PIPELINES,
     REMOTE_CODE_FILES,
     assert_carries_remote_code,
     folder_files,
@@ -41,9 +42,10 @@ def test_save_pretrained_writes_the_code_the_auto_maps_and_the_pipeline(tmp_path
     assert_carries_remote_code(folder_files(tmp_path))
     imports = set().union(*(get_imports(tmp_path / name) for name in REMOTE_CODE_FILES)) - sys.stdlib_module_names
     assert imports <= ALLOWED_IMPORTS, f"the remote code imports {sorted(imports - ALLOWED_IMPORTS)}"
-    # In this process maft's registered pipeline runs the model: its config does not point pipeline() at remote code.
+    # In this process maft's registered pipeline runs the model: its config does not point pipeline() at remote code
+    # for that task; the Hub task's entry stays (maft does not replace transformers' image-segmentation pipeline).
     assert not hasattr(model.config, "custom_pipelines")
-    assert not hasattr(MaftModel.from_pretrained(tmp_path).config, "custom_pipelines")
+    assert MaftModel.from_pretrained(tmp_path).config.custom_pipelines == {"image-segmentation": CUSTOM_PIPELINES["image-segmentation"]}
 
 
 def test_the_bundled_models_code_files_are_the_package_modules():
@@ -76,6 +78,9 @@ with warnings.catch_warnings(record=True) as caught:
     label_map = processor.post_process_semantic_segmentation(model(**inputs), target_sizes=[image.size[::-1]])[0]
     segmenter = pipeline("zero-shot-image-segmentation", model=location, trust_remote_code=True, device="cpu")
     segments = segmenter(image, candidate_labels=class_names)
+    hub_task_segments = pipeline("image-segmentation", model=location, trust_remote_code=True, device="cpu")(image, candidate_labels=class_names)
+    assert [segment["label"] for segment in hub_task_segments] == [segment["label"] for segment in segments]
+    assert all(np.array_equal(np.array(a["mask"]), np.array(b["mask"])) for a, b in zip(hub_task_segments, segments))
 np.save(output + "-label-map.npy", label_map.numpy())
 np.save(output + "-pipeline.npy", np.stack([np.array(segment["mask"]) for segment in segments]))
 print(json.dumps({{
