@@ -207,13 +207,18 @@ def main() -> None:
     check_output_file(arguments.output)
     plan = [(name, "float32", source) for name, source in arguments.reference]
     plan += [(f"this checkout, {VARIANTS[variant]}", variant, REPO_ROOT) for variant in arguments.variants]
-    results = {}
+    results, failures = {}, {}
     workers = []
     for name, variant, source in plan:  # one after the other, so that the first calls do not share the CPU
         print(f"starting {name} (maft from {source}) ...", flush=True)
         worker = Worker(name, variant, source, arguments)
+        try:
+            started = worker.receive()
+        except RuntimeError as error:  # reported, and the other variants still measured
+            print(error, file=sys.stderr, flush=True)
+            failures[name] = str(error)
+            continue
         workers.append(worker)
-        started = worker.receive()
         results[name] = {"variant": variant, "source": str(source), "commit": git_commit(source), **started, "cached_calls": []}
     for round_index in range(arguments.repeats):
         order = workers[round_index % len(workers):] + workers[: round_index % len(workers)]
@@ -229,12 +234,15 @@ def main() -> None:
         result["median"] = {stage: statistics.median(call.get(stage, 0.0) for call in result["cached_calls"]) for stage in stages}
 
     print_table(results, arguments)
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(arguments.output, {
         "workload": f"MaftConfig() with random weights, one {IMAGE_SIZE}x{IMAGE_SIZE} image, {arguments.classes} classes",
         "device": arguments.device, "threads": arguments.threads, "repeats": arguments.repeats,
-        "load_average": os.getloadavg(), "variants": results,
+        "load_average": os.getloadavg(), "variants": results, "failed_variants": failures,
     })
     print(f"written to {arguments.output}")
+    if failures:
+        sys.exit(f"variants that failed: {', '.join(failures)}")
     if any(call.get("text_encoder", 0.0) for result in results.values() for call in result["cached_calls"]):
         sys.exit("the text encoder ran although the vocabulary was cached")
 

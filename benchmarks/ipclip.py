@@ -124,6 +124,7 @@ def main() -> None:
             f"| {dense['seconds'] / ours['seconds']:.2f}x | {per_mask['seconds'] / ours['seconds']:.1f}x |"
         )
     summary = {"device": arguments.device, "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__, "repeats": arguments.repeats, "rows": rows}
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(arguments.output, summary)
     print(f"\nwritten to {arguments.output}")
 

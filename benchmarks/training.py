@@ -93,6 +93,7 @@ def main() -> None:
     for stage, result in results.items():
         print(f"| {STAGES[stage]} | {result['trainable_parameters'] / 1e6:.1f} M | {statistics.median(result['step_seconds']):.2f} s "
               f"| {result['peak_memory_mib']:.0f} MiB |")
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(arguments.output, {
         "device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "classes": arguments.classes,
         "load_average": os.getloadavg(), "stages": results,
