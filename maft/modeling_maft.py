@@ -646,17 +646,20 @@ def masks_of_clip_views(proposal_masks: torch.Tensor, clip_view_sizes: torch.Ten
     resized bilinearly to (H, W) as `F.interpolate` would (an identity where the region is the whole input), for all
     images at once and without a host sync."""
     _, _, height, width = proposal_masks.shape
-    sizes = clip_view_sizes.to(proposal_masks)
+    # Half-precision coordinates cannot address every pixel of a large input (and crash bfloat16 `grid_sample` on CPU).
+    dtype = torch.float64 if proposal_masks.dtype == torch.float64 else torch.float32
+    sizes = clip_view_sizes.to(device=proposal_masks.device, dtype=dtype)
 
     def sample_coordinates(length: int, region: torch.Tensor) -> torch.Tensor:
         """(B, length) normalised coordinates of the source pixel of each output pixel, inside the region."""
-        positions = (torch.arange(length, device=proposal_masks.device, dtype=proposal_masks.dtype) + 0.5) * (region[:, None] / length) - 0.5
+        positions = (torch.arange(length, device=proposal_masks.device, dtype=dtype) + 0.5) * (region[:, None] / length) - 0.5
         positions = torch.minimum(positions.clamp(min=0), region[:, None] - 1)
         return (2 * positions + 1) / length - 1
 
     rows, columns = sample_coordinates(height, sizes[:, 0]), sample_coordinates(width, sizes[:, 1])
     grid = torch.stack(torch.broadcast_tensors(columns[:, None, :, None], rows[:, :, None, None]), dim=-1)[..., 0, :]
-    return F.grid_sample(proposal_masks, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    resized = F.grid_sample(proposal_masks.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return resized.to(proposal_masks.dtype)
 
 
 @dataclass
