@@ -10,7 +10,7 @@ Prints a markdown table and writes benchmarks/results/ipclip.json.
 """
 
 import argparse
-import json
+import os
 import statistics
 import sys
 import time
@@ -93,6 +93,8 @@ def measure_seconds(model, num_proposals: int, repeats: int, device: str) -> dic
 
 
 def main() -> None:
+    from maft.output_files import write_json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--proposals", type=int, nargs="+", default=[10, 50, 100, 200])
@@ -121,9 +123,9 @@ def main() -> None:
             f"| {num_proposals} | {ours['seconds']:.3f} | {dense['seconds']:.3f} | {per_mask['seconds']:.2f} | {memory_cells} "
             f"| {dense['seconds'] / ours['seconds']:.2f}x | {per_mask['seconds'] / ours['seconds']:.1f}x |"
         )
+    summary = {"device": arguments.device, "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__, "repeats": arguments.repeats, "rows": rows}
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": arguments.repeats, "rows": rows}
-    arguments.output.write_text(json.dumps(summary, indent=2))
+    write_json(arguments.output, summary)
     print(f"\nwritten to {arguments.output}")
 
 

@@ -8,7 +8,7 @@ Prints a markdown table (a row per stage) and writes benchmarks/results/training
 """
 
 import argparse
-import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -63,6 +63,7 @@ def measure_stage(stage: str, batch, text_embeds_of, device: str, repeats: int) 
 def main() -> None:
     from maft import MaftImageProcessor, MaftProcessor
     from maft.clip_tokenizer import load_clip_tokenizer
+    from maft.output_files import write_json
     from maft.training import MaftTrainingCollator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,10 +94,10 @@ def main() -> None:
         print(f"| {STAGES[stage]} | {result['trainable_parameters'] / 1e6:.1f} M | {statistics.median(result['step_seconds']):.2f} s "
               f"| {result['peak_memory_mib']:.0f} MiB |")
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps({
+    write_json(arguments.output, {
         "device": arguments.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "classes": arguments.classes,
-        "stages": results,
-    }, indent=2))
+        "load_average": os.getloadavg(), "stages": results,
+    })
     print(f"\nwritten to {arguments.output}")
 
 

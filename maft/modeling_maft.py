@@ -288,9 +288,13 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel affine map (scale, shift) the normalisation applies."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_and_shift()
         return hidden_states * scale[None, :, None, None] + shift[None, :, None, None]
 
 
@@ -302,6 +306,11 @@ class Conv2dWithNorm(nn.Conv2d):
         self.norm = norm
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, FrozenBatchNorm2d):
+            # Frozen statistics fold into the convolution's weights: no extra pass over its output.
+            scale, shift = self.norm.scale_and_shift()
+            bias = shift if self.bias is None else shift + self.bias * scale
+            return self._conv_forward(hidden_states, self.weight * scale[:, None, None, None], bias)
         return self.norm(super().forward(hidden_states))
 
 
@@ -325,9 +334,9 @@ class MaftDeepLabBottleneck(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shortcut = hidden_states if self.shortcut is None else self.shortcut(hidden_states)
-        hidden_states = F.relu(self.conv1(hidden_states))
-        hidden_states = F.relu(self.conv2(hidden_states))
-        return F.relu(self.conv3(hidden_states) + shortcut)
+        hidden_states = F.relu(self.conv1(hidden_states), inplace=True)
+        hidden_states = F.relu(self.conv2(hidden_states), inplace=True)
+        return F.relu(self.conv3(hidden_states).add_(shortcut), inplace=True)
 
 
 class MaftDeepLabStem(nn.Module):
@@ -342,9 +351,9 @@ class MaftDeepLabStem(nn.Module):
             self.add_module(f"conv{index}", Conv2dWithNorm(in_size, out_size, 3, stride=stride, padding=1, bias=False, norm=norm))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden_states = F.relu(self.conv1(pixel_values))
-        hidden_states = F.relu(self.conv2(hidden_states))
-        hidden_states = F.relu(self.conv3(hidden_states))
+        hidden_states = F.relu(self.conv1(pixel_values), inplace=True)
+        hidden_states = F.relu(self.conv2(hidden_states), inplace=True)
+        hidden_states = F.relu(self.conv3(hidden_states), inplace=True)
         return F.max_pool2d(hidden_states, kernel_size=3, stride=2, padding=1)
 
 
@@ -376,7 +385,8 @@ class MaftDeepLabResNet(nn.Module):
             out_channels, bottleneck_channels = out_channels * 2, bottleneck_channels * 2
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        hidden_states = self.stem(pixel_values)
+        """The feature maps in channels-last memory format, in which the CPU's convolutions run fastest."""
+        hidden_states = self.stem(pixel_values.contiguous(memory_format=torch.channels_last))
         features = []
         for stage in (self.res2, self.res3, self.res4, self.res5):
             hidden_states = stage(hidden_states)
@@ -636,17 +646,20 @@ def masks_of_clip_views(proposal_masks: torch.Tensor, clip_view_sizes: torch.Ten
     resized bilinearly to (H, W) as `F.interpolate` would (an identity where the region is the whole input), for all
     images at once and without a host sync."""
     _, _, height, width = proposal_masks.shape
-    sizes = clip_view_sizes.to(proposal_masks)
+    # Half-precision coordinates cannot address every pixel of a large input (and crash bfloat16 `grid_sample` on CPU).
+    dtype = torch.float64 if proposal_masks.dtype == torch.float64 else torch.float32
+    sizes = clip_view_sizes.to(device=proposal_masks.device, dtype=dtype)
 
     def sample_coordinates(length: int, region: torch.Tensor) -> torch.Tensor:
         """(B, length) normalised coordinates of the source pixel of each output pixel, inside the region."""
-        positions = (torch.arange(length, device=proposal_masks.device, dtype=proposal_masks.dtype) + 0.5) * (region[:, None] / length) - 0.5
+        positions = (torch.arange(length, device=proposal_masks.device, dtype=dtype) + 0.5) * (region[:, None] / length) - 0.5
         positions = torch.minimum(positions.clamp(min=0), region[:, None] - 1)
         return (2 * positions + 1) / length - 1
 
     rows, columns = sample_coordinates(height, sizes[:, 0]), sample_coordinates(width, sizes[:, 1])
     grid = torch.stack(torch.broadcast_tensors(columns[:, None, :, None], rows[:, :, None, None]), dim=-1)[..., 0, :]
-    return F.grid_sample(proposal_masks, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    resized = F.grid_sample(proposal_masks.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return resized.to(proposal_masks.dtype)
 
 
 @dataclass

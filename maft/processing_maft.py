@@ -510,6 +510,8 @@ def resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     (C, height, width) map: classes are resized a chunk at a time, each chunk's maximum (taken a band of rows at a
     time, to keep its indices small) merged into a running one.
     """
+    if tuple(scores.shape[-2:]) == tuple(size):  # bilinear resizing to the same size is the identity
+        return scores.argmax(dim=0).int()
     height, width = size
     classes_per_chunk = max(1, POSTPROCESS_CHUNK_ELEMENTS // (height * width))
     rows_per_band = max(1, POSTPROCESS_BAND_PIXELS // width)

@@ -328,3 +328,16 @@ def test_ip_clip_masks_come_from_the_region_each_clip_view_shows():
     torch.testing.assert_close(aligned[0], masks[0], rtol=0, atol=1e-6)  # the whole input: unchanged
     expected = torch.nn.functional.interpolate(masks[1:, :, :4, :6], size=(8, 12), mode="bilinear", align_corners=False)
     torch.testing.assert_close(aligned[1:], expected, rtol=0, atol=1e-5)
+
+
+def test_ip_clip_masks_of_half_precision_are_sampled_at_float32_coordinates():
+    """bfloat16 holds neither 427 nor most pixel centres above 256: the region is still addressed exactly."""
+    from maft.modeling_maft import masks_of_clip_views
+
+    masks = torch.rand(1, 2, 640, 600)
+    sizes = torch.tensor([[427, 555]])
+    aligned = masks_of_clip_views(masks.bfloat16(), sizes)
+    assert aligned.dtype == torch.bfloat16
+    torch.testing.assert_close(aligned, masks_of_clip_views(masks.bfloat16().float(), sizes).bfloat16(), rtol=0, atol=0)
+    expected = torch.nn.functional.interpolate(masks[:, :, :427, :555], size=(640, 600), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(aligned.float(), expected, rtol=0, atol=1e-2)

@@ -48,6 +48,16 @@ def test_label_maps_equal_the_full_computation_in_any_chunking(chunk_elements, b
         assert len(expected.unique()) > 5  # the maps are not trivially constant
 
 
+def test_a_target_size_equal_to_the_image_size_labels_as_resizing_to_it_would():
+    """The map is not resized then (an identity); its labels, ties included, are those of the resized scores."""
+    outputs = random_outputs(2, 16, 150, (24, 32), [[90, 120], [96, 128]])
+    outputs.class_queries_logits[1, :, 3] = outputs.class_queries_logits[1, :, 4]  # classes 3 and 4 tie everywhere
+    target_sizes = [(90, 120), (96, 128)]
+    maps = MaftImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+    for label_map, expected in zip(maps, full_label_maps(outputs, target_sizes)):
+        assert label_map.dtype == torch.int64 and torch.equal(label_map, expected)
+
+
 @pytest.mark.parametrize("chunk_elements", [30, 2**24])
 def test_ties_go_to_the_first_class_as_argmax(chunk_elements, monkeypatch):
     monkeypatch.setattr(processing_maft, "POSTPROCESS_CHUNK_ELEMENTS", chunk_elements)
