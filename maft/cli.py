@@ -185,7 +185,8 @@ def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
 
     dataset = load_labelled_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
     eval_class_names, ignore_index = recorded_classes(dataset, class_names, arguments.ignore_index)
-    unseen = [name for name in eval_class_names if name not in set(class_names)]
+    training_vocabulary = set(class_names)
+    unseen = [name for name in eval_class_names if name not in training_vocabulary]
     return EvaluationSet(dataset, eval_class_names, ignore_index, unseen, arguments.eval_batch_size)
 
 

@@ -49,8 +49,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     per-pixel class score (`post_process_semantic_segmentation`'s `scores`) divided by the sum over all candidate labels.
 
     The candidate labels' text embeddings are computed once per vocabulary and kept in the pipeline. With
-    `batch_size > 1`, images of different sizes are padded to the largest as `MaftProcessor` pads a batch, which (as
-    in any batched call of the model) can change their segmentation slightly; images of one size segment the same.
+    `batch_size > 1`, the model still segments each image at its own padded size, so batching changes no image's
+    answer.
     """
 
     _load_processor = True

@@ -631,7 +631,6 @@ class MaftProcessor(ProcessorMixin):
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
 
 
-
 AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)
 AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
 # save_pretrained writes this file and an `auto_map` beside the processor config, so transformers alone loads them.
