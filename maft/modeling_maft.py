@@ -514,6 +514,11 @@ class MaftContextInteraction(nn.Module):
     layer-normed class text embeddings, and the layer-scaled result is added to the normed pixels. One block serves all
     maps. As in the original (GLIP's block), the text is layer-normed again before each map, so map i sees it normed
     i + 1 times; the released weights were trained with this, so we keep it.
+
+    The attention is computed in an equivalent order that suits few keys and many pixels: the query projection is
+    folded into the keys (`q_h . k = pixel . (W_q,h^T k) + b_q,h . k`) and the output projection into the values,
+    so the pixels meet the (classes x heads) keys and values in two products of their own width (256) instead of
+    being projected to the attention width (2048) and back: 2.7x fewer operations at 640 pixels and 150 classes.
     """
 
     def __init__(self, config: MaftConfig):
@@ -536,14 +541,30 @@ class MaftContextInteraction(nn.Module):
             batch_size, channels, height, width = feature_map.shape
             text = self.text_norm(text)
             pixels = self.query_norm(feature_map.flatten(2).transpose(1, 2))
-            queries = _split_heads(self.q_proj(pixels), self.num_heads)
-            keys = _split_heads(self.k_proj(text), self.num_heads)
-            values = _split_heads(self.v_proj(text), self.num_heads)
-            dropout = self.dropout if self.training else 0.0
-            attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
-            pixels = pixels + self.layer_scale * self.out_proj(_merge_heads(attended))
+            key_weights, key_bias, value_weights = self._text_as_keys_and_values(text)
+            scores = torch.baddbmm(key_bias[:, None], pixels, key_weights)  # (B, HW, heads * K)
+            attention = scores.view(batch_size, -1, self.num_heads, text.shape[1]).softmax(dim=-1)
+            attention = F.dropout(attention, p=self.dropout, training=self.training).flatten(2)
+            attended = torch.baddbmm(self.out_proj.bias, attention, value_weights)
+            pixels = pixels + self.layer_scale * attended
             outputs.append(pixels.transpose(1, 2).reshape(batch_size, channels, height, width))
         return outputs
+
+    def _text_as_keys_and_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The text (B, K, D) as keys in the pixels' space, with the query projection and the attention's scale folded
+        in: weights (B, C, heads * K) and bias (B, heads * K); and as values with the output projection folded in
+        (B, heads * K, C), without its bias (added once to the sum over heads).
+        """
+        head_dim = self.q_proj.out_features // self.num_heads
+        keys = _split_heads(self.k_proj(text), self.num_heads) * head_dim**-0.5  # (B, heads, K, head_dim)
+        values = _split_heads(self.v_proj(text), self.num_heads)
+        query_weight = self.q_proj.weight.view(self.num_heads, head_dim, -1)  # (heads, head_dim, C)
+        key_weights = torch.einsum("hdc,bhkd->bchk", query_weight, keys).flatten(2)
+        key_bias = torch.einsum("hd,bhkd->bhk", self.q_proj.bias.view(self.num_heads, head_dim), keys).flatten(1)
+        output_weight = self.out_proj.weight.view(-1, self.num_heads, head_dim)  # (C, heads, head_dim)
+        value_weights = torch.einsum("bhkd,chd->bhkc", values, output_weight).flatten(1, 2)
+        return key_weights, key_bias, value_weights
 
 
 class MaftMLP(nn.Module):

@@ -341,3 +341,43 @@ def test_ip_clip_masks_of_half_precision_are_sampled_at_float32_coordinates():
     torch.testing.assert_close(aligned, masks_of_clip_views(masks.bfloat16().float(), sizes).bfloat16(), rtol=0, atol=0)
     expected = torch.nn.functional.interpolate(masks[:, :, :427, :555], size=(640, 600), mode="bilinear", align_corners=False)
     torch.testing.assert_close(aligned.float(), expected, rtol=0, atol=1e-2)
+
+
+def test_context_interaction_equals_attention_computed_the_textbook_way():
+    """The reassociated attention (projections folded into the text) is multi-head attention of the projected pixels
+    over the projected text, in value and in every parameter's gradient."""
+    from maft.modeling_maft import MaftContextInteraction
+
+    torch.manual_seed(0)
+    block = MaftContextInteraction(tiny_config(context_dropout=0.0)).double()  # float64: equal up to rounding
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    maps = [torch.randn(2, 32, size, size + 1, dtype=torch.float64) for size in (3, 6)]
+    text = torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def textbook(maps, text):
+        heads, outputs = block.num_heads, []
+        for feature_map in maps:
+            batch_size, channels, height, width = feature_map.shape
+            text = block.text_norm(text)
+            pixels = block.query_norm(feature_map.flatten(2).transpose(1, 2))
+            split = lambda states: states.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                split(block.q_proj(pixels)), split(block.k_proj(text)), split(block.v_proj(text))
+            )
+            pixels = pixels + block.layer_scale * block.out_proj(attended.transpose(1, 2).flatten(2))
+            outputs.append(pixels.transpose(1, 2).reshape(batch_size, channels, height, width))
+        return outputs
+
+    gradients = {}
+    for name, forward in (("ours", block), ("textbook", textbook)):
+        outputs = forward(maps, text)
+        block.zero_grad()
+        sum((output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)).sum() for output in outputs).backward()
+        gradients[name] = ([output.detach() for output in outputs], {n: p.grad.clone() for n, p in block.named_parameters()})
+    (ours, our_grads), (expected, expected_grads) = gradients["ours"], gradients["textbook"]
+    assert expected[0].abs().max() > 1 and expected_grads["q_proj.weight"].abs().max() > 1e-2  # not a trivial case
+    for mine, theirs in zip(ours, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    for name in expected_grads:
+        torch.testing.assert_close(our_grads[name], expected_grads[name], rtol=1e-10, atol=1e-11)
