@@ -662,25 +662,66 @@ def proposal_masks_from_logits(masks_queries_logits: torch.Tensor, padded_size: 
     return F.interpolate(masks_queries_logits.detach(), size=padded_size, mode="bilinear", align_corners=True).sigmoid()
 
 
-def masks_of_clip_views(proposal_masks: torch.Tensor, clip_view_sizes: torch.Tensor) -> torch.Tensor:
-    """The part of each image's masks (B, Q, H, W) its CLIP view shows: the top-left `clip_view_sizes[i]` region,
-    resized bilinearly to (H, W) as `F.interpolate` would (an identity where the region is the whole input), for all
-    images at once and without a host sync."""
-    _, _, height, width = proposal_masks.shape
-    # Half-precision coordinates cannot address every pixel of a large input (and crash bfloat16 `grid_sample` on CPU).
-    dtype = torch.float64 if proposal_masks.dtype == torch.float64 else torch.float32
-    sizes = clip_view_sizes.to(device=proposal_masks.device, dtype=dtype)
+def proposal_masks_on_patch_grid(
+    masks_queries_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    grid_size: tuple[int, int],
+    clip_view_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    The proposals as IP-CLIP sees them, on its patch grid: (B, Q, grid_height, grid_width) probabilities equal to
+    `F.interpolate(masks, size=grid_size, mode="bilinear")` of the masks of `proposal_masks_from_logits` (at the padded
+    size) cropped to the top-left `clip_view_sizes[i]` region each CLIP view shows and resized back to the padded size
+    (bilinear; no crop without `clip_view_sizes`). Every step is a bilinear resize, so each grid value is a weighted
+    sum of 16 sigmoided logits at padded-size pixels, and only those pixels are computed (in float32, or float64 for
+    float64 logits), not the (B, Q, H, W) masks; without gradient and without a host sync.
+    """
+    logits = masks_queries_logits.detach()
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    batch_size, num_queries, low_height, low_width = logits.shape
+    if clip_view_sizes is None:
+        regions = torch.tensor(padded_size, device=logits.device, dtype=dtype).expand(batch_size, 2)
+    else:
+        regions = clip_view_sizes.to(device=logits.device, dtype=dtype)
+    row_matrix, row_weights = _patch_grid_taps(grid_size[0], padded_size[0], low_height, regions[:, 0])
+    column_matrix, column_weights = _patch_grid_taps(grid_size[1], padded_size[1], low_width, regions[:, 1])
+    pixels = (row_matrix[:, None] @ logits.to(dtype) @ column_matrix[:, None].transpose(-1, -2)).sigmoid()
+    pixels = pixels.view(batch_size, num_queries, grid_size[0], 4, grid_size[1], 4)
+    return torch.einsum("bqiajc,bia,bjc->bqij", pixels, row_weights, column_weights)
 
-    def sample_coordinates(length: int, region: torch.Tensor) -> torch.Tensor:
-        """(B, length) normalised coordinates of the source pixel of each output pixel, inside the region."""
-        positions = (torch.arange(length, device=proposal_masks.device, dtype=dtype) + 0.5) * (region[:, None] / length) - 0.5
-        positions = torch.minimum(positions.clamp(min=0), region[:, None] - 1)
-        return (2 * positions + 1) / length - 1
 
-    rows, columns = sample_coordinates(height, sizes[:, 0]), sample_coordinates(width, sizes[:, 1])
-    grid = torch.stack(torch.broadcast_tensors(columns[:, None, :, None], rows[:, :, None, None]), dim=-1)[..., 0, :]
-    resized = F.grid_sample(proposal_masks.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return resized.to(proposal_masks.dtype)
+def _bilinear_taps(positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices and the second one's weight of bilinear sampling at `positions` (>= 0) of an axis of
+    `length` pixels, as PyTorch's resize computes them."""
+    first = positions.floor().clamp(max=length - 1)
+    second = first + (first < length - 1).to(first.dtype)
+    return first.long(), second.long(), (positions - first).clamp(0, 1)
+
+
+def _patch_grid_taps(grid: int, padded: int, low: int, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One axis of `proposal_masks_on_patch_grid`: the 4 padded-size pixels behind each grid position and their weights
+    (B, grid, 4); and those pixels as rows of the mask logits' upsampling (align_corners=True), (B, 4 * grid, low).
+    """
+    dtype, device = regions.dtype, regions.device
+    # The padded size to the patch grid (align_corners=False; PyTorch clamps negative positions to 0).
+    positions = ((torch.arange(grid, device=device, dtype=dtype) + 0.5) * (padded / grid) - 0.5).clamp(min=0)
+    first, second, second_weight = _bilinear_taps(positions, padded)
+    view_pixels = torch.stack([first, second], dim=-1).to(dtype)  # (grid, 2)
+    view_weights = torch.stack([1 - second_weight, second_weight], dim=-1)
+    # Each CLIP view's region resized to the padded size (an identity where the region is the whole input).
+    positions = (view_pixels + 0.5) * (regions[:, None, None] / padded) - 0.5
+    positions = torch.minimum(positions.clamp(min=0), regions[:, None, None] - 1)  # (B, grid, 2)
+    first, second, second_weight = _bilinear_taps(positions, padded)
+    pixels = torch.stack([first, second], dim=-1).flatten(2)  # (B, grid, 4)
+    weights = (view_weights[..., None] * torch.stack([1 - second_weight, second_weight], dim=-1)).flatten(2)
+    # The mask logits upsampled to the padded size (align_corners=True), at those pixels only.
+    scale = (low - 1) / (padded - 1) if padded > 1 else 0.0
+    first, second, second_weight = _bilinear_taps(pixels.flatten(1).to(dtype) * scale, low)
+    matrix = torch.zeros(regions.shape[0], pixels[0].numel(), low, device=device, dtype=dtype)
+    matrix.scatter_add_(-1, first[..., None], (1 - second_weight)[..., None])
+    matrix.scatter_add_(-1, second[..., None], second_weight[..., None])
+    return matrix, weights
 
 
 @dataclass
@@ -989,11 +1030,16 @@ class MaftModel(MaftPreTrainedModel):
         """The batch as one padded input: proposals, IP-CLIP's classification of them and the ensemble."""
         predictions = self.propose(pixel_values, text_embeds)
         final = predictions[-1]
-        proposal_masks = proposal_masks_from_logits(final["masks_queries_logits"], pixel_values.shape[-2:])
-        clip_masks = proposal_masks if clip_view_sizes is None else masks_of_clip_views(proposal_masks, clip_view_sizes)
+        patch_size = self.config.vision_config.patch_size
+        clip_masks = proposal_masks_on_patch_grid(
+            final["masks_queries_logits"],
+            tuple(pixel_values.shape[-2:]),
+            (clip_pixel_values.shape[-2] // patch_size, clip_pixel_values.shape[-1] // patch_size),
+            clip_view_sizes,
+        )
         proposal_embeds = self.ip_clip(clip_pixel_values, mask_proposals=clip_masks, interpolate_pos_encoding=True).proposal_embeds
         clip_class_logits = self.class_logits(proposal_embeds, text_embeds)
-        class_queries_logits = self._ensemble(final["class_queries_logits"], clip_class_logits, proposal_masks, pixel_mask, seen_classes)
+        class_queries_logits = self._ensemble(final, clip_class_logits, pixel_values.shape[-2:], pixel_mask, seen_classes)
         return MaftModelOutput(
             class_queries_logits=class_queries_logits,
             masks_queries_logits=final["masks_queries_logits"],
@@ -1073,21 +1119,22 @@ class MaftModel(MaftPreTrainedModel):
             )
         return text_embeds.to(self.no_object_embedding.dtype)
 
-    def _ensemble(self, proposal_class_logits, clip_class_logits, proposal_masks, pixel_mask, seen_classes) -> torch.Tensor:
+    def _ensemble(self, prediction, clip_class_logits, padded_size, pixel_mask, seen_classes) -> torch.Tensor:
         """
         The final class logits (B, Q, C + 1), such that `softmax(...)[..., :-1]` are the class scores. With
         `ensemble_weight` 0 these are IP-CLIP's; otherwise `p_in^w * p_clip^(1-w)` for seen classes and
-        `p_in^(1-w) * p_clip^w` for unseen ones, where a proposal with no pixel >= 0.5 in the image keeps p_clip = 1
-        (as the original). Both use cosine logits (the original softmaxed raw embeddings here: a bug).
+        `p_in^(1-w) * p_clip^w` for unseen ones, where a proposal with no pixel >= 0.5 in the image (its mask at the
+        padded size) keeps p_clip = 1 (as the original). Both use cosine logits (the original softmaxed raw embeddings
+        here: a bug). `prediction` is the proposal generator's final one.
         """
         num_classes = clip_class_logits.shape[-1] - 1
         no_object = clip_class_logits.new_full((*clip_class_logits.shape[:-1], 1), float("-inf"))
         if self.config.ensemble_weight == 0:
             return torch.cat([clip_class_logits[..., :-1], no_object], dim=-1)
         weight = self.config.ensemble_weight
-        in_vocabulary = proposal_class_logits.softmax(dim=-1)[..., :-1]
+        in_vocabulary = prediction["class_queries_logits"].softmax(dim=-1)[..., :-1]
         clip_scores = clip_class_logits[..., :-1].softmax(dim=-1)
-        covered = proposal_masks > 0.5
+        covered = proposal_masks_from_logits(prediction["masks_queries_logits"], padded_size) > 0.5
         if pixel_mask is not None:
             covered = covered & pixel_mask[:, None].bool()
         has_pixels = covered.flatten(2).any(dim=-1)
@@ -1121,4 +1168,5 @@ __all__ = [
     "MaftPreTrainedModel",
     "proposal_attention_mask",
     "proposal_masks_from_logits",
+    "proposal_masks_on_patch_grid",
 ]

@@ -320,27 +320,55 @@ def test_the_whole_model_compiles_without_graph_breaks(backend):
     assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
 
 
-def test_ip_clip_masks_come_from_the_region_each_clip_view_shows():
-    from maft.modeling_maft import masks_of_clip_views
+def full_size_patch_grid_masks(logits, padded_size, grid_size, clip_view_sizes):
+    """IP-CLIP's proposals made the long way: the padded-size masks, each image's CLIP-view region resized to the
+    padded size, resized to the patch grid."""
+    from torch.nn.functional import interpolate
 
-    masks = torch.rand(2, 3, 8, 12)
-    aligned = masks_of_clip_views(masks, torch.tensor([[8, 12], [4, 6]]))
-    torch.testing.assert_close(aligned[0], masks[0], rtol=0, atol=1e-6)  # the whole input: unchanged
-    expected = torch.nn.functional.interpolate(masks[1:, :, :4, :6], size=(8, 12), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(aligned[1:], expected, rtol=0, atol=1e-5)
+    from maft.modeling_maft import proposal_masks_from_logits
+
+    masks = proposal_masks_from_logits(logits, padded_size)
+    views = [
+        interpolate(masks[index : index + 1, :, :height, :width], size=padded_size, mode="bilinear", align_corners=False)
+        for index, (height, width) in enumerate(clip_view_sizes.tolist())
+    ]
+    return interpolate(torch.cat(views), size=grid_size, mode="bilinear", align_corners=False)
 
 
-def test_ip_clip_masks_of_half_precision_are_sampled_at_float32_coordinates():
-    """bfloat16 holds neither 427 nor most pixel centres above 256: the region is still addressed exactly."""
-    from maft.modeling_maft import masks_of_clip_views
+@pytest.mark.parametrize(
+    "low_size, padded_size, grid_size, clip_view_sizes",
+    [
+        ((8, 12), (32, 48), (4, 6), [[32, 48], [16, 24]]),  # a whole input and a quarter of one
+        ((160, 150), (640, 600), (30, 30), [[427, 555], [640, 600]]),  # the default model's sizes at 640 pixels
+        ((5, 7), (20, 28), (9, 11), [[13, 27], [20, 1]]),  # a grid finer than the logits, a one-pixel-wide view
+        ((1, 3), (1, 12), (1, 2), [[1, 7], [1, 12]]),
+    ],
+)
+def test_ip_clip_masks_on_the_patch_grid_equal_the_full_size_masks_resized(low_size, padded_size, grid_size, clip_view_sizes):
+    from maft.modeling_maft import proposal_masks_on_patch_grid
 
-    masks = torch.rand(1, 2, 640, 600)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, *low_size, dtype=torch.float64) * 4
+    sizes = torch.tensor(clip_view_sizes)
+    expected = full_size_patch_grid_masks(logits, padded_size, grid_size, sizes)
+    masks = proposal_masks_on_patch_grid(logits, padded_size, grid_size, sizes)
+    assert masks.dtype == torch.float64
+    torch.testing.assert_close(masks, expected, rtol=0, atol=1e-12)
+    whole = torch.tensor([padded_size] * 2)  # no clip_view_sizes: the whole padded input
+    torch.testing.assert_close(proposal_masks_on_patch_grid(logits, padded_size, grid_size), full_size_patch_grid_masks(logits, padded_size, grid_size, whole), rtol=0, atol=1e-12)
+
+
+def test_ip_clip_masks_of_half_precision_logits_are_computed_in_float32():
+    """bfloat16 holds neither 427 nor most pixel centres above 256: positions and sums are taken in float32."""
+    from maft.modeling_maft import proposal_masks_on_patch_grid
+
+    torch.manual_seed(0)
+    logits = (torch.randn(1, 4, 160, 150) * 4).bfloat16()
     sizes = torch.tensor([[427, 555]])
-    aligned = masks_of_clip_views(masks.bfloat16(), sizes)
-    assert aligned.dtype == torch.bfloat16
-    torch.testing.assert_close(aligned, masks_of_clip_views(masks.bfloat16().float(), sizes).bfloat16(), rtol=0, atol=0)
-    expected = torch.nn.functional.interpolate(masks[:, :, :427, :555], size=(640, 600), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(aligned.float(), expected, rtol=0, atol=1e-2)
+    masks = proposal_masks_on_patch_grid(logits, (640, 600), (30, 30), sizes)
+    assert masks.dtype == torch.float32
+    expected = full_size_patch_grid_masks(logits.double(), (640, 600), (30, 30), sizes)
+    torch.testing.assert_close(masks.double(), expected, rtol=0, atol=1e-4)  # bfloat16 positions would be off by pixels
 
 
 def test_context_interaction_equals_attention_computed_the_textbook_way():
