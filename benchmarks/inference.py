@@ -1,7 +1,7 @@
 """End-to-end inference of the default MAFT configuration (CLIP ViT-B/16 + ResNet-101), random weights, one 640x640
-image and a 150-class vocabulary: time per stage of this code in float32, in bfloat16 (the pixel decoder stays
-float32, as loading with `dtype=torch.bfloat16` keeps it) and compiled (`torch.compile`, float32), beside the same
-workload run by older checkouts of maft (`--reference NAME=PATH`), all in one run on one machine.
+image and a 150-class vocabulary: time per stage of this code in float32, in bfloat16 (as loading with
+`dtype=torch.bfloat16` gives it) and compiled (`torch.compile`, float32), beside the same workload run by older
+checkouts of maft (`--reference NAME=PATH`), all in one run on one machine.
 
 The headline is the cached call: the image processor, the model with the vocabulary's text embeddings computed once
 before (old checkouts: their model's own text cache), and post-processing. Each variant runs in its own worker
@@ -84,7 +84,6 @@ def build_segmenter(variant: str, device: str, num_classes: int):
     model = MaftModel(MaftConfig(**config_kwargs)).eval().to(device)
     if variant == "bfloat16":
         model.to(torch.bfloat16)
-        model.pixel_decoder.float()  # as `from_pretrained(dtype=torch.bfloat16)` keeps it (`_keep_in_fp32_modules_strict`)
     timer = StageTimer(None if variant == "compiled" else model, device)
     forward = torch.compile(model) if variant == "compiled" else model
     processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer())

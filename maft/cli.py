@@ -294,7 +294,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 DEVICE_HELP = "any torch device: cpu, cuda, cuda:1, mps, xpu... (default: cuda if available, else cpu)"
 DEBUG_HELP = "on failure, show the traceback instead of one line"
-DTYPE_HELP = "precision of the model; in half precision the pixel decoder stays float32 (default: float32)"
+DTYPE_HELP = "precision of the model; in float16 the pixel decoder stays float32 (default: float32)"
 
 
 def build_parser() -> argparse.ArgumentParser:

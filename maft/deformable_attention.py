@@ -285,17 +285,23 @@ class MultiScaleDeformableAttention(nn.Module):
         query (N, Lq, C); reference_points (N, Lq, L, 2) normalised (x, y), or (N, Lq, L, 4) boxes (x, y, w, h);
         value (N, S, C); spatial_shapes (L, 2) (H, W) as an int64 tensor or a list of int pairs (no host sync);
         level_start_index (L,), or None to derive it from the shapes; value_padding_mask (N, S) with True at padding.
-        Returns (N, Lq, C).
+        Returns (N, Lq, C). In half precision the projections run in it, and the sampling (locations, attention
+        weights, values) in float32, as Mask2Former runs its kernel under mixed precision: bfloat16 locations would
+        be off by a third of a pixel on an 80-pixel map.
         """
         batch_size, num_queries, _ = query.shape
         head_dim = self.embed_dim // self.num_heads
         value = self.value_proj(value)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
-        value = value.view(batch_size, -1, self.num_heads, head_dim)
-        offsets = self.sampling_offsets(query).view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
-        weights = self.attention_weights(query).view(batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
-        weights = weights.softmax(-1).view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
+        sampling_dtype = torch.promote_types(value.dtype, torch.float32)
+        value = value.view(batch_size, -1, self.num_heads, head_dim).to(sampling_dtype)
+        reference_points = reference_points.to(sampling_dtype)
+        offsets = self.sampling_offsets(query).to(sampling_dtype)
+        offsets = offsets.view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).to(sampling_dtype)
+        weights = weights.view(batch_size, num_queries, self.num_heads, self.num_levels * self.num_points).softmax(-1)
+        weights = weights.view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 2:
             if isinstance(spatial_shapes, torch.Tensor):
                 normaliser = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], dim=-1).to(offsets)
@@ -312,4 +318,4 @@ class MultiScaleDeformableAttention(nn.Module):
         output = multi_scale_deformable_attention(
             value, spatial_shapes, level_start_index, locations, weights, self.im2col_step, self.backend
         )
-        return self.output_proj(output)
+        return self.output_proj(output.to(query.dtype))

@@ -103,7 +103,7 @@ def load_model_and_processor(
 ) -> "tuple[MaftModel, MaftProcessor]":
     """(MaftModel in eval mode on `device` in `dtype`, MaftProcessor) from a folder, a Hub id, or (None) the bundled
     model; the model is checked first (see `check_model_folder`), so a wrong one fails with an error that names the
-    problem. In half precision the pixel decoder stays float32."""
+    problem. In float16 the pixel decoder stays float32."""
     import torch
 
     from . import MaftModel, MaftProcessor  # through the package: registers the Auto classes the processor loads with

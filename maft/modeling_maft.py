@@ -475,8 +475,8 @@ class MaftPixelDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """features res2..res5 -> (mask_features, [res5-, res4-, res3-level maps]), in the features' dtype. The decoder
-        runs in its weights' dtype without autocast: float32 when loaded with a half `dtype` (`_keep_in_fp32_modules_strict`),
-        as the original runs it."""
+        runs in its weights' dtype without autocast, as the original (float32 under mixed precision, and when loaded
+        with `dtype=torch.float16`: `_keep_in_fp32_modules`)."""
         input_dtype, dtype = features[0].dtype, self.mask_features.weight.dtype
         with torch.autocast(features[0].device.type, enabled=False):
             mask_features, multi_scale_features = self._decode([feature.to(dtype) for feature in features])
@@ -493,7 +493,7 @@ class MaftPixelDecoder(nn.Module):
             ],
             dim=1,
         )
-        reference_points = self.reference_points(spatial_shapes, hidden_states.device).to(hidden_states.dtype)
+        reference_points = self.reference_points(spatial_shapes, hidden_states.device)  # float32: see the attention
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, reference_points, spatial_shapes)  # Python ints: no host sync
 
@@ -777,7 +777,9 @@ class MaftPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _no_split_modules = ["CLIPEncoderLayer", "MaftDecoderLayer", "MaftPixelDecoderLayer"]
-    _keep_in_fp32_modules_strict = ["pixel_decoder"]  # the original runs multi-scale deformable attention in float32
+    # float16 lacks the range: the pixel decoder stays float32 as under the original's mixed precision; bfloat16 runs
+    # it (deformable attention samples in float32) and agrees with float32 as well as a float32 pixel decoder does
+    _keep_in_fp32_modules = ["pixel_decoder"]
     supports_gradient_checkpointing = True  # every decoder, pixel-decoder and CLIP layer
     _supports_sdpa = True  # CLIP's attention and IP-CLIP's proposal attention go through the attention interface
 

@@ -280,6 +280,30 @@ def test_layer_initialisation_and_forward(cpu_kernel):
         MultiScaleDeformableAttention(embed_dim=30, num_heads=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_layer_samples_in_float32(cpu_kernel, monkeypatch, dtype):
+    """The projections run in half precision; the sampling locations, attention weights and values reach the kernel
+    in float32 (bfloat16 locations would miss by a third of a pixel on an 80-pixel map)."""
+    torch.manual_seed(0)
+    layer = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=1, num_points=2, backend="cpu")
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)
+    half_layer = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=1, num_points=2, backend="cpu").to(dtype)
+    half_layer.load_state_dict(layer.state_dict())
+    query, value = torch.randn(1, 50, 32), torch.randn(1, 80 * 80, 32)
+    points = torch.rand(1, 50, 1, 2)
+    sampled_dtypes = []
+    sample = deformable_attention.multi_scale_deformable_attention
+
+    def recording_sample(value, shapes, starts, locations, weights, *args):
+        sampled_dtypes.append((value.dtype, locations.dtype, weights.dtype))
+        return sample(value, shapes, starts, locations, weights, *args)
+
+    monkeypatch.setattr(deformable_attention, "multi_scale_deformable_attention", recording_sample)
+    output = half_layer(query.to(dtype), points, value.to(dtype), [(80, 80)])
+    assert output.dtype == dtype and sampled_dtypes == [(torch.float32,) * 3]
+    torch.testing.assert_close(output.float(), layer(query, points, value, [(80, 80)]), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("source_dir", ["empty", "missing"])
 def test_missing_kernel_sources_fall_back_under_auto(fresh_kernel_state, monkeypatch, tmp_path, source_dir):
     """Without its C++ sources (a remote-code load ships only the Python files) "auto" warns once and uses the
