@@ -86,12 +86,6 @@ def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
     return states.view(batch_size, num_tokens, num_heads, hidden_size // num_heads).transpose(1, 2)
 
 
-def _merge_heads(states: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, tokens, head_dim) -> (batch, tokens, heads * head_dim)."""
-    batch_size, num_heads, num_tokens, head_dim = states.shape
-    return states.transpose(1, 2).reshape(batch_size, num_tokens, num_heads * head_dim)
-
-
 def proposal_attention_mask(patch_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     The additive attention mask of IP-CLIP's proposal tokens over the keys [patches; proposals]: a proposal attends to

@@ -374,7 +374,7 @@ def test_ip_clip_masks_of_half_precision_logits_are_computed_in_float32():
 def test_context_interaction_equals_attention_computed_the_textbook_way():
     """The reassociated attention (projections folded into the text) is multi-head attention of the projected pixels
     over the projected text, in value and in every parameter's gradient."""
-    from maft.modeling_maft import MaftContextInteraction
+    from maft.modeling_maft import MaftContextInteraction, _split_heads
 
     torch.manual_seed(0)
     block = MaftContextInteraction(tiny_config(context_dropout=0.0)).double()  # float64: equal up to rounding
@@ -389,9 +389,9 @@ def test_context_interaction_equals_attention_computed_the_textbook_way():
             batch_size, channels, height, width = feature_map.shape
             text = block.text_norm(text)
             pixels = block.query_norm(feature_map.flatten(2).transpose(1, 2))
-            split = lambda states: states.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
             attended = torch.nn.functional.scaled_dot_product_attention(
-                split(block.q_proj(pixels)), split(block.k_proj(text)), split(block.v_proj(text))
+                _split_heads(block.q_proj(pixels), heads), _split_heads(block.k_proj(text), heads),
+                _split_heads(block.v_proj(text), heads),
             )
             pixels = pixels + block.layer_scale * block.out_proj(attended.transpose(1, 2).flatten(2))
             outputs.append(pixels.transpose(1, 2).reshape(batch_size, channels, height, width))
