@@ -307,7 +307,7 @@ def model_config(arguments, **overrides):
 
 def make_processor(arguments):
     from maft import MaftImageProcessor, MaftProcessor
-    from maft.clip_tokenizer import load_clip_tokenizer
+    from maft.data.clip_tokenizer import load_clip_tokenizer
 
     image_processor = MaftImageProcessor(shortest_edge=arguments.image_size, longest_edge=4 * arguments.image_size,
                                          clip_image_size=arguments.clip_image_size)

@@ -77,7 +77,7 @@ def build_segmenter(variant: str, device: str, num_classes: int):
     """One cached-call function for `variant` with whichever maft `PYTHONPATH` gives, and its stage timer. Checkouts
     from before the text embeddings became an input (their model caches them itself) are driven through that cache."""
     from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
-    from maft.clip_tokenizer import load_clip_tokenizer
+    from maft.data.clip_tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     config_kwargs = {"use_distillation_teacher": False} if "use_distillation_teacher" in MaftConfig().to_dict() else {}
@@ -205,7 +205,7 @@ def main() -> None:
     if arguments.worker:
         run_worker(arguments.worker, arguments.device, arguments.threads, arguments.classes)
         return
-    from maft.output_files import check_output_file, write_json
+    from maft.utils.output_files import check_output_file, write_json
 
     check_output_file(arguments.output)
     plan = [(name, "float32", source) for name, source in arguments.reference]

@@ -93,7 +93,7 @@ def measure_seconds(model, num_proposals: int, repeats: int, device: str) -> dic
 
 
 def main() -> None:
-    from maft.output_files import write_json
+    from maft.utils.output_files import write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

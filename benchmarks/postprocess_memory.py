@@ -43,7 +43,7 @@ def measure(case: str, image_path: str) -> dict:
     import torch
 
     from maft import MaftModel, MaftProcessor
-    from maft.model_loading import default_model_path
+    from maft.cli.model_loading import default_model_path
 
     torch.set_grad_enabled(False)
     folder = default_model_path()

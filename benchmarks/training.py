@@ -62,8 +62,8 @@ def measure_stage(stage: str, batch, text_embeds_of, device: str, repeats: int) 
 
 def main() -> None:
     from maft import MaftImageProcessor, MaftProcessor
-    from maft.clip_tokenizer import load_clip_tokenizer
-    from maft.output_files import write_json
+    from maft.data.clip_tokenizer import load_clip_tokenizer
+    from maft.utils.output_files import write_json
     from maft.training import MaftTrainingCollator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "MaftModelOutput": "modeling_maft",
     "MaftImageProcessor": "processing_maft",
     "MaftProcessor": "processing_maft",
-    "convert_original_checkpoint": "convert_original_maft_checkpoint",
+    "convert_original_checkpoint": "conversion.convert_original_maft_checkpoint",
     "ZeroShotImageSegmentationPipeline": "pipeline_maft",
 }
 
@@ -28,7 +28,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
-    from .convert_original_maft_checkpoint import convert_original_checkpoint
+    from .conversion.convert_original_maft_checkpoint import convert_original_checkpoint
     from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
     from .pipeline_maft import ZeroShotImageSegmentationPipeline
     from .processing_maft import MaftImageProcessor, MaftProcessor

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from maft import MaftClipVisionConfig, MaftClipVisionModel, MaftImageProcessor, MaftModel, convert_original_checkpoint
-from maft.convert_openai_clip import convert_openai_clip_vision
+from maft.conversion.convert_openai_clip import convert_openai_clip_vision
 
 
 GOLDEN_DIR = Path(os.environ.get("MAFT_GOLDEN_DIR", Path(__file__).resolve().parent / "fixtures" / "golden"))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
-from maft.clip_tokenizer import load_clip_tokenizer
+from maft.data.clip_tokenizer import load_clip_tokenizer
 
 
 TEMPLATES = ["a photo of a {}.", "there is a {} in the scene"]
@@ -127,7 +127,7 @@ def write_split(root, image_dir, label_dir, label_suffix, num_classes, ignore_in
 def bundled_scenes(sizes: list[tuple[int, int]]) -> tuple[list[dict], dict]:
     """The bundled model's example scenes (image and label map) in turn, each resized to the next (height, width) of
     `sizes` (labels by nearest neighbour), and their classes.json (class_names, unseen_class_names, ignore_index)."""
-    from maft.model_loading import default_model_path
+    from maft.cli.model_loading import default_model_path
 
     folder = default_model_path().parent / "examples"
     scenes = sorted(folder.glob("scene-*[0-9].png"))
@@ -143,7 +143,7 @@ def bundled_scenes(sizes: list[tuple[int, int]]) -> tuple[list[dict], dict]:
 def bundled_model() -> tuple[MaftModel, MaftProcessor]:
     """The bundled model and processor, on the PyTorch deformable attention (no kernel build, which concurrent test
     processes would wait for)."""
-    from maft.model_loading import default_model_path
+    from maft.cli.model_loading import default_model_path
 
     path = default_model_path()
     return MaftModel.from_pretrained(path, deformable_attention_backend="pytorch").eval(), MaftProcessor.from_pretrained(path)

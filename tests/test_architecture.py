@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import maft
+from helpers import REMOTE_CODE_FILES
 
 
 PACKAGE_ROOT = Path(maft.__file__).parent
@@ -82,3 +83,14 @@ def test_the_model_files_do_not_import_training_code():
     graph = import_graph()
     for model_file in ("maft.configuration_maft", "maft.modeling_maft", "maft.processing_maft", "maft.loss_maft"):
         assert not any(target.startswith(("maft.training", "maft.cli", "maft.evaluation")) for target in graph[model_file])
+
+
+def test_the_top_level_holds_the_model_files_and_the_concept_folders():
+    """transformers copies only the model's flat files into a shared checkpoint; everything else lives in a folder
+    named for its concept, so the tree reads as the concept map."""
+    modules = {path.name for path in PACKAGE_ROOT.glob("*.py")}
+    assert modules == REMOTE_CODE_FILES | {"__init__.py", "__main__.py", "loss_maft.py"}
+    packages = {path.parent.name for path in PACKAGE_ROOT.glob("*/__init__.py")}
+    assert packages == {
+        "cli", "conversion", "data", "demo", "evaluation", "kernels", "metrics", "miniature", "training", "utils"
+    }

@@ -14,7 +14,7 @@ from maft.evaluation.benchmark_datasets import (
     coco_stuff_unseen_class_names,
     load_benchmark,
 )
-from maft.segmentation_data import load_segmentation_dataset, segmentation_metadata
+from maft.data.segmentation_data import load_segmentation_dataset, segmentation_metadata
 
 from helpers import ORIGINAL_VAL_LAYOUT, write_split
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maft.visualization import class_palette
+from maft.utils.visualization import class_palette
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]

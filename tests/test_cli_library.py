@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from maft import cli
-from maft.dataset_resolution import load_dataset_and_classes, recorded_classes
-from maft.hub import is_hub_id
-from maft.model_loading import check_model_folder, resolve_device
-from maft.output_files import check_output_folder, distinct_output_names, write_files_atomically
+from maft.cli.dataset_resolution import load_dataset_and_classes, recorded_classes
+from maft.utils.hub import is_hub_id
+from maft.cli.model_loading import check_model_folder, resolve_device
+from maft.utils.output_files import check_output_folder, distinct_output_names, write_files_atomically
 
 
 def test_images_that_share_a_name_get_their_position_and_no_two_outputs_collide():
@@ -88,7 +88,7 @@ def test_hub_ids_are_told_from_paths():
 def test_a_vocabulary_comes_from_the_arguments_else_from_the_dataset():
     from datasets import Dataset
 
-    from maft.segmentation_data import with_segmentation_metadata
+    from maft.data.segmentation_data import with_segmentation_metadata
 
     plain = Dataset.from_dict({"image": [0], "label": [0]})
     with pytest.raises(ValueError, match="does not record its class names"):

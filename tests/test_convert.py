@@ -12,7 +12,7 @@ from golden import golden_config, golden_state_dict, released_key_list
 from helpers import assert_carries_remote_code
 from maft import MaftConfig, MaftModel, MaftProcessor
 from maft.cli import main
-from maft.convert_original_maft_checkpoint import (
+from maft.conversion.convert_original_maft_checkpoint import (
     config_from_state_dict,
     convert_original_checkpoint,
     convert_state_dict,

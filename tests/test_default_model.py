@@ -10,7 +10,7 @@ from PIL import Image
 from maft import MaftModel, MaftProcessor
 from maft.cli import main
 from maft.evaluation.metrics import StreamingConfusionMatrix
-from maft.model_loading import default_model_path
+from maft.cli.model_loading import default_model_path
 
 
 # Measured on the 8 bundled scenes when the model was made: seen mIoU 41.2 (unseen 65.9); the bar leaves a margin.

@@ -19,8 +19,8 @@ from PIL import Image
 
 from helpers import run_without_maft
 from maft.demo import bundled_examples, write_space
-from maft.demo_app import SPACE_CONFIG, class_palette, parse_class_names
-from maft.model_loading import default_model_path
+from maft.demo.app import SPACE_CONFIG, class_palette, parse_class_names
+from maft.cli.model_loading import default_model_path
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own browser download cannot work here

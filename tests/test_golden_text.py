@@ -4,8 +4,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from golden import golden_config, golden_state_dict, golden_tensors, relative_error
-from maft.clip_tokenizer import load_clip_tokenizer
-from maft.convert_openai_clip import convert_openai_clip_text
+from maft.data.clip_tokenizer import load_clip_tokenizer
+from maft.conversion.convert_openai_clip import convert_openai_clip_text
 
 
 VILD_TEMPLATES = [

@@ -12,7 +12,7 @@ from maft.miniature.world import (
     CLASS_NAMES, IGNORE_INDEX, SEEN_CLASS_NAMES, STUFF_COLOURS, THING_CLASSES, THING_COLOURS, UNSEEN_CLASS_NAMES, SceneSpec,
     build_dataset, hide_unseen_classes, scenes,
 )
-from maft.segmentation_data import segmentation_metadata
+from maft.data.segmentation_data import segmentation_metadata
 
 
 def test_the_split_holds_out_a_quarter_of_the_classes_whose_words_all_name_seen_classes():

@@ -10,8 +10,8 @@ from huggingface_hub import ModelCard
 
 from helpers import run_without_maft, tiny_model, tiny_processor
 from maft.inference import encode_vocabulary, segment_image
-from maft.model_card import maft_model_card
-from maft.model_loading import default_model_path, load_model_and_processor
+from maft.utils.model_card import maft_model_card
+from maft.cli.model_loading import default_model_path, load_model_and_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, CLIPConfig, CLIPModel
 
 from maft import MaftConfig, MaftImageProcessor, MaftModel, MaftProcessor
-from maft.convert_original_maft_checkpoint import convert_state_dict
+from maft.conversion.convert_original_maft_checkpoint import convert_state_dict
 
 from helpers import TEMPLATES, random_image, tiny_config, tiny_model, tiny_processor
 

@@ -8,7 +8,7 @@ from transformers import pipeline
 
 from maft import ZeroShotImageSegmentationPipeline
 from maft.inference import encode_vocabulary, segment_image
-from maft.model_loading import default_model_path
+from maft.cli.model_loading import default_model_path
 
 
 LABELS = ["checkered wall", "dotted floor", "dotted grass", "striped water", "red circle"]

@@ -16,7 +16,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN, OP
 from transformers.utils import logging as transformers_logging
 
 from maft import MaftImageProcessor, MaftModel, MaftProcessor
-from maft.model_loading import default_model_path
+from maft.cli.model_loading import default_model_path
 from maft.processing_maft import to_rgb_array
 
 

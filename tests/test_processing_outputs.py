@@ -11,7 +11,7 @@ from transformers.image_processing_outputs import SemanticSegmentationPostProces
 
 from maft import MaftImageProcessor
 from maft import processing_maft
-from maft.visualization import label_map_image
+from maft.utils.visualization import label_map_image
 
 
 def random_outputs(batch_size: int, num_queries: int, num_classes: int, mask_size: tuple[int, int], image_sizes, seed: int = 0):

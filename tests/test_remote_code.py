@@ -24,7 +24,7 @@ from helpers import (
 )
 from maft import MaftModel, MaftProcessor, deformable_attention
 from maft.inference import encode_vocabulary, segment_image
-from maft.model_loading import default_model_path
+from maft.cli.model_loading import default_model_path
 
 
 SCENE = default_model_path().parent / "examples" / "scene-3.png"

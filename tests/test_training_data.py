@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maft.segmentation_data import load_image_folder_pairs, load_segmentation_dataset, segmentation_metadata
+from maft.data.segmentation_data import load_image_folder_pairs, load_segmentation_dataset, segmentation_metadata
 
 
 def write_pairs(root, stems=("a", "b", "c"), extra_label=None):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import datasets
 
-from ..segmentation_data import load_image_folder_pairs
+from ..data.segmentation_data import load_image_folder_pairs
 
 
 BENCHMARKS = ("coco_stuff_171", "ade20k_150", "ade20k_847", "pascal_context_59", "pascal_context_459", "pascal_voc_20")

@@ -22,9 +22,9 @@ from transformers import CLIPTokenizer
 from ..configuration_maft import MaftDeepLabResNetConfig
 from ..evaluation import evaluate_on_dataset
 from ..modeling_maft import MaftModel
-from ..output_files import write_json
+from ..utils.output_files import write_json
 from ..processing_maft import MaftImageProcessor, MaftProcessor
-from ..segmentation_data import load_segmentation_dataset, segmentation_metadata
+from ..data.segmentation_data import load_segmentation_dataset, segmentation_metadata
 from ..training import MaftTrainingArguments, get_recipe, train_from_pretrained
 from .clip_pretraining import pretrain_clip, small_clip_config
 from .tokenizer import train_clip_tokenizer

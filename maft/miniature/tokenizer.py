@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-from ..clip_tokenizer import clip_tokenizer_from_merges
+from ..data.clip_tokenizer import clip_tokenizer_from_merges
 
 
 def train_clip_tokenizer(texts: Iterable[str], max_merges: int = 400, model_max_length: int = 32) -> CLIPTokenizer:

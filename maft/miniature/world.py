@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..segmentation_data import with_segmentation_metadata
+from ..data.segmentation_data import with_segmentation_metadata
 
 
 THING_COLOURS = {"red": (215, 35, 35), "green": (40, 190, 45), "blue": (45, 65, 225), "yellow": (230, 205, 35)}

@@ -14,7 +14,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from ..output_files import write_json
+from ..utils.output_files import write_json
 from ..processing_maft import MaftProcessor
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..modeling_maft import MaftClipVisionModel, MaftModel
 from ..processing_maft import MaftProcessor
-from ..output_files import write_json
+from ..utils.output_files import write_json
 from .checkpoints import EVALUATION_NAME, CheckpointStore, best_checkpoint, complete_checkpoints
 from .collator import EpochIndexedDataset, MaftTrainingCollator
 from .publishing import HubPublisher
@@ -360,7 +360,7 @@ def training_settings(arguments: MaftTrainingArguments) -> dict:
 
 def training_model_card(arguments: MaftTrainingArguments, step: int, losses: dict[str, float]) -> ModelCard:
     """The card of a checkpoint: what was trained from what on which data, the recipe, and the losses at `step`."""
-    from ..model_card import maft_model_card
+    from ..utils.model_card import maft_model_card
 
     name = arguments.hub_model_id or Path(arguments.output_dir).name
     recipe = training_settings(arguments)

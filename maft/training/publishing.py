@@ -7,7 +7,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..hub import push_folder_to_hub
+from ..utils.hub import push_folder_to_hub
 
 
 logger = logging.getLogger("maft.training")

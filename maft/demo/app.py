@@ -4,7 +4,7 @@
 This file is self-contained on purpose: `maft demo --write-space` copies it verbatim as a Hugging Face Space's
 `app.py`, where maft is not installed (the model repository brings its own code, loaded with
 `trust_remote_code=True`). It imports only the standard library, numpy and PIL at module level, and gradio and
-transformers when the app is built. The overlay colours live here for the same reason; `maft.visualization` imports
+transformers when the app is built. The overlay colours live here for the same reason; `maft.utils.visualization` imports
 them, so `maft segment` and the demo colour a class alike.
 """
 

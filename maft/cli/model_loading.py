@@ -7,14 +7,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .hub import hub_is_offline, is_hub_id
+from ..utils.hub import hub_is_offline, is_hub_id
 
 
 if TYPE_CHECKING:
     import torch
 
-    from .modeling_maft import MaftModel
-    from .processing_maft import MaftProcessor
+    from ..modeling_maft import MaftModel
+    from ..processing_maft import MaftProcessor
 
 BUNDLED_MODEL = "pretrained/maft-mini"
 
@@ -29,7 +29,7 @@ def default_model_path() -> Path:
 
 def check_is_maft_config(config: dict, name: str | os.PathLike) -> None:
     """Refuses a model config (as in config.json) that is not MAFT's, e.g. a CLIP checkpoint given as the model."""
-    from .configuration_maft import MaftConfig
+    from ..configuration_maft import MaftConfig
 
     model_type = config.get("model_type")
     if model_type != MaftConfig.model_type:
@@ -106,7 +106,7 @@ def load_model_and_processor(
     problem. In float16 the pixel decoder stays float32."""
     import torch
 
-    from . import MaftModel, MaftProcessor  # through the package: registers the Auto classes the processor loads with
+    from .. import MaftModel, MaftProcessor  # through the package: registers the Auto classes the processor loads with
 
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"the dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")

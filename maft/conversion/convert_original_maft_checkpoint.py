@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .configuration_maft import MaftConfig
+from ..configuration_maft import MaftConfig
 from .convert_openai_clip import convert_openai_clip_text, convert_openai_clip_vision
-from .modeling_maft import MaftModel
+from ..modeling_maft import MaftModel
 
 
 # Original name (regex) -> ours, for the proposal generator. Checked in order; the first match wins.
@@ -297,7 +297,7 @@ weights are the original authors'; their license is theirs to state.
 
 def converted_model_card(model: MaftModel, source: str | os.PathLike | None = None, name: str | None = None):
     """A `huggingface_hub.ModelCard` for a converted model: Hub metadata, where it came from and how to use it."""
-    from .model_card import maft_model_card
+    from ..utils.model_card import maft_model_card
 
     vision = model.config.vision_config
     text = CONVERTED_CARD_TEXT.format(
@@ -325,8 +325,8 @@ def write_converted_model(
     """
     from huggingface_hub import ModelCard
 
-    from .clip_tokenizer import load_clip_tokenizer
-    from .processing_maft import MaftImageProcessor, MaftProcessor
+    from ..data.clip_tokenizer import load_clip_tokenizer
+    from ..processing_maft import MaftImageProcessor, MaftProcessor
 
     model.save_pretrained(output_dir)
     processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer(model.config.text_config.max_position_embeddings))

@@ -5,7 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .hub import hub_is_offline, is_hub_id
+from ..utils.hub import hub_is_offline, is_hub_id
 
 
 DEFAULT_IGNORE_INDEX = 255
@@ -14,7 +14,7 @@ DEFAULT_IGNORE_INDEX = 255
 def recorded_classes(dataset, default_class_names: Sequence[str] | None = None, ignore_index: int | None = None) -> tuple[list[str], int]:
     """(class names, ignore index) recorded in the dataset's metadata; without metadata, `default_class_names` (an
     error if there are none) and 255. A given `ignore_index` replaces either."""
-    from .segmentation_data import segmentation_metadata
+    from ..data.segmentation_data import segmentation_metadata
 
     try:
         class_names, recorded_ignore_index = segmentation_metadata(dataset)
@@ -28,7 +28,7 @@ def recorded_classes(dataset, default_class_names: Sequence[str] | None = None, 
 def load_labelled_dataset(name_or_path: str | os.PathLike, split: str | None = None, image_column: str = "image", label_column: str = "label"):
     """A dataset saved with `save_to_disk` (a folder) or on the Hub (a name), columns renamed to image/label; a missing
     folder, or a Hub name that cannot be reached, is an error that says so."""
-    from .segmentation_data import load_segmentation_dataset
+    from ..data.segmentation_data import load_segmentation_dataset
 
     if not Path(name_or_path).exists() and not is_hub_id(name_or_path):
         raise FileNotFoundError(f"the dataset folder {name_or_path} does not exist")
@@ -57,7 +57,7 @@ def load_dataset_and_classes(
     from `benchmark` read under `data_root` in the original layout (split `split`, else `default_split`). The class
     names are `class_names` when given, else the dataset's recorded ones; the ignore index is `ignore_index` when
     given, else the recorded one, else 255."""
-    from .evaluation.benchmark_datasets import load_benchmark
+    from ..evaluation.benchmark_datasets import load_benchmark
 
     if (name_or_path is None) == (benchmark is None):
         raise ValueError("give either a dataset (name or folder) or a benchmark, not both or neither")

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # The colours and the tint live in the demo app, which a Hugging Face Space copies without maft beside it.
-from .demo_app import OVERLAY_ALPHA, class_palette, tint
+from ..demo.app import OVERLAY_ALPHA, class_palette, tint
 
 
 def render_overlay(

@@ -27,7 +27,7 @@ def segmentation_metadata(dataset: datasets.Dataset) -> tuple[list[str], int]:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(
             "This dataset does not record its class names: give them explicitly, or record them once with "
-            "maft.segmentation_data.with_segmentation_metadata(dataset, class_names)."
+            "maft.data.segmentation_data.with_segmentation_metadata(dataset, class_names)."
         ) from None
     return metadata["class_names"], metadata["ignore_index"]
 

@@ -12,7 +12,7 @@ from .model_loading import MODEL_DTYPES
 
 def parse_labels(text: str) -> list[str]:
     """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']; empty names are refused."""
-    from maft.demo_app import parse_class_names
+    from maft.demo.app import parse_class_names
 
     try:
         return parse_class_names(text)
@@ -48,13 +48,13 @@ def failure_message(error: BaseException) -> str:
 def segment(arguments: argparse.Namespace) -> int:
     """Segments each image into the given classes and writes an overlay, the label map and class fractions; an image
     that fails is reported and skipped, and the exit code is then 1."""
-    from maft.output_files import distinct_output_names, prepare_output_folder, write_segmentation_files
+    from maft.utils.output_files import distinct_output_names, prepare_output_folder, write_segmentation_files
 
     output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
     from tqdm.auto import tqdm
 
     from maft.inference import encode_vocabulary, segment_image
-    from maft.model_loading import load_model_and_processor
+    from maft.cli.model_loading import load_model_and_processor
     from maft.processing_maft import to_rgb_array
 
     model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
@@ -116,7 +116,7 @@ def ipclip_example(arguments: argparse.Namespace) -> int:
 
 def dataset_and_classes(arguments: argparse.Namespace, name_or_path: str | None, default_split: str) -> tuple:
     """The dataset, class names and ignore index that the dataset arguments (see `add_dataset_arguments`) name."""
-    from maft.dataset_resolution import load_dataset_and_classes
+    from maft.cli.dataset_resolution import load_dataset_and_classes
 
     return load_dataset_and_classes(
         name_or_path, benchmark=arguments.benchmark, data_root=arguments.data_root, split=arguments.split,
@@ -136,7 +136,7 @@ RUN_OPTIONS = ("gradient_accumulation_steps", "mixed_precision", "save_steps", "
 
 def train_command(arguments: argparse.Namespace) -> int:
     """Trains a MAFT model on a `datasets` dataset saved with `save_to_disk` (columns image and label)."""
-    from maft.output_files import check_output_folder
+    from maft.utils.output_files import check_output_folder
 
     check_output_folder(arguments.output_dir)  # before the slow imports below
     if arguments.eval_steps is not None and not arguments.eval_dataset:
@@ -145,7 +145,7 @@ def train_command(arguments: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from maft.model_loading import check_model
+    from maft.cli.model_loading import check_model
     from maft.training import MaftTrainingArguments, get_recipe, train_from_pretrained
 
     check_model(arguments.init_from)
@@ -180,7 +180,7 @@ def train_command(arguments: argparse.Namespace) -> int:
 def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
     """`--eval-dataset` with its own recorded vocabulary in its label order (without one, the training vocabulary);
     its classes that the training vocabulary lacks are the unseen ones (mIoU-seen, mIoU-unseen, hIoU)."""
-    from maft.dataset_resolution import load_labelled_dataset, recorded_classes
+    from maft.cli.dataset_resolution import load_labelled_dataset, recorded_classes
     from maft.evaluation import EvaluationSet
 
     dataset = load_labelled_dataset(arguments.eval_dataset, arguments.eval_split, arguments.image_column, arguments.label_column)
@@ -192,13 +192,13 @@ def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
     """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
-    from maft.output_files import check_output_file
+    from maft.utils.output_files import check_output_file
 
     if arguments.output:
         check_output_file(arguments.output)  # before the slow imports below
     from maft.evaluation import evaluate_on_dataset, format_results_table
     from maft.evaluation.dataset_evaluation import distributed_state
-    from maft.model_loading import load_model_and_processor
+    from maft.cli.model_loading import load_model_and_processor
 
     state = distributed_state()  # under `accelerate launch`, every process evaluates its shard; the main one reports
     device = arguments.device or (state.device if state.num_processes > 1 else None)
@@ -210,7 +210,7 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
         return 0
     print(format_results_table(results))
     if arguments.output:
-        from maft.output_files import write_json
+        from maft.utils.output_files import write_json
 
         write_json(Path(arguments.output), results)
     return 0
@@ -218,13 +218,13 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
 
 def convert_command(arguments: argparse.Namespace) -> int:
     """Converts an original MAFT checkpoint to a transformers-style folder (and optionally pushes it to the Hub)."""
-    from maft.output_files import check_output_folder
+    from maft.utils.output_files import check_output_folder
 
     check_output_folder(arguments.output_dir)  # before the slow imports below
     import yaml
 
-    from maft.convert_original_maft_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
-    from maft.hub import push_folder_to_hub
+    from maft.conversion.convert_original_maft_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
+    from maft.utils.hub import push_folder_to_hub
 
     try:
         state_dict = load_original_checkpoint(arguments.checkpoint)

@@ -1,4 +1,4 @@
-"""`maft demo`: the Gradio app of `maft.demo_app` on a model with the bundled example scenes, served locally or
+"""`maft demo`: the Gradio app of `maft.demo.app` on a model with the bundled example scenes, served locally or
 written out as a Hugging Face Space folder."""
 
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import demo_app
-from .model_loading import check_model, default_model_path
+from . import app as demo_app
+from ..cli.model_loading import check_model, default_model_path
 
 
 INSTALL_HINT = 'pip install "maft[demo]"'
@@ -75,7 +75,7 @@ tags:
 ---
 
 Segment an image into any class names with [{model}](https://huggingface.co/{model}), a MAFT model (Mask-aware
-Fine-Tuning of CLIP, NeurIPS 2023). The app is `maft.demo_app` from the maft package, written by
+Fine-Tuning of CLIP, NeurIPS 2023). The app is `maft.demo.app` from the maft package, written by
 `maft demo --write-space`; the model's code comes from its repository (`trust_remote_code=True`).
 """
 

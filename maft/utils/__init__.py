@@ -1,0 +1,1 @@
+"""Helpers shared by the command line, training and conversion: atomic output files, overlays, the Hub, model cards."""
