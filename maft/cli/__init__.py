@@ -426,6 +426,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maft {arguments.command}: {failure_message(error)}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
