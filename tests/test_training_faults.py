@@ -211,9 +211,24 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path, sign
 def test_a_rejected_token_or_a_malformed_repo_id_stops_before_step_one(tmp_path, hub_server, monkeypatch):
     hub_server.token = "hf_local_test_token"
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
-    with pytest.raises(PermissionError, match="Cannot publish to the Hub repo 'user/maft-trained': the token was rejected"):
+    with pytest.raises(PermissionError, match="Cannot publish to the Hub repo 'user/maft-trained': the token was rejected") as raised:
         run_tiny(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained")
+    assert "no token was found" not in str(raised.value)
     assert checkpoint_names(tmp_path) == [] and "user/maft-trained" not in hub_server.repositories
+
+
+def test_no_token_at_all_is_named_as_missing_with_how_to_provide_one(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import constants
+
+    hub_server.token = "hf_local_test_token"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_login"))
+    with pytest.raises(PermissionError) as raised:
+        run_tiny(tmp_path / "out", push_to_hub=True, hub_model_id="user/maft-trained")
+    assert str(raised.value).startswith("Cannot publish to the Hub repo 'user/maft-trained': no token was found (neither "
+                                        "HF_TOKEN nor a saved login), and writing needs one (401). Log in with `hf auth login` "
+                                        "or set HF_TOKEN to a token with write access")
+    assert "rejected" not in str(raised.value) and checkpoint_names(tmp_path / "out") == []
     with pytest.raises(ValueError, match="`hub_model_id` 'user/maft/trained' is not a Hub repo id"):
         MaftTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="user/maft/trained")
 

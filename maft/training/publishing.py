@@ -4,7 +4,7 @@ import logging
 import threading
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_session
+from huggingface_hub import HfApi, get_session, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..hub import push_folder_to_hub
@@ -12,9 +12,10 @@ from ..hub import push_folder_to_hub
 
 logger = logging.getLogger("maft.training")
 
-# What the Hub's status codes mean for a run that is about to publish.
+# What the Hub's status codes mean for a run that is about to publish, with a token and without one.
 ACCESS_PROBLEMS = {401: "the token was rejected (401)", 403: "the token may not write to it (403)",
                    404: "it does not exist and cannot be created with this token (404)"}
+NO_TOKEN = "no token was found (neither HF_TOKEN nor a saved login), and writing needs one"
 
 
 class HubPublisher:
@@ -43,9 +44,13 @@ class HubPublisher:
             self.api.create_repo(self.repo_id, exist_ok=True)
         except HfHubHTTPError as error:
             status = error.response.status_code if error.response is not None else None
-            reason = ACCESS_PROBLEMS.get(status, str(error).splitlines()[0])
-            raise PermissionError(f"Cannot publish to the Hub repo {self.repo_id!r}: {reason}. Log in (`hf auth login`) or "
-                                  "set HF_TOKEN to a token with write access, or train without push_to_hub.") from error
+            if status in ACCESS_PROBLEMS and get_token() is None:  # no token was sent, so none was rejected
+                reason = f"{NO_TOKEN} ({status})"
+            else:
+                reason = ACCESS_PROBLEMS.get(status, str(error).splitlines()[0])
+            raise PermissionError(f"Cannot publish to the Hub repo {self.repo_id!r}: {reason}. Log in with `hf auth login` "
+                                  "or set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens), "
+                                  "or train without push_to_hub.") from error
         except Exception as error:  # connection refused, timeouts, proxies: the Hub is unreachable
             raise ConnectionError(f"Cannot reach the Hub to publish to {self.repo_id!r} ({type(error).__name__}: {error}); "
                                   "check the network or train without push_to_hub.") from error
