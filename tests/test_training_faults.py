@@ -283,6 +283,31 @@ def test_a_hub_that_dies_mid_run_is_reported_at_the_end(tmp_path, hub_server, mo
     assert "maft: published to user/maft-dies: nothing; not published: step 2 (failed 1 times (" in summary
 
 
+def test_the_checkpoint_limit_holds_once_a_hub_that_hung_answers_again(tmp_path, hub_server, monkeypatch, capsys):
+    output_dir = tmp_path / "out"  # tmp_path also holds the Hub client's files
+    check_access, publish = HubPublisher.check_access, HubPublisher.publish
+
+    def check_then_hang(self):
+        check_access(self)
+        hub_server.pause()  # the upload of step 2 hangs, and its checkpoint is kept beyond the limit meanwhile
+
+    def publish_and_answer_at_the_end(self, step, folder):
+        publish(self, step, folder)
+        if step == 20:
+            assert self.folders_in_use() >= {output_dir / "checkpoint-2"}
+            hub_server.unpause()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_hang)
+    monkeypatch.setattr(HubPublisher, "publish", publish_and_answer_at_the_end)
+    run_tiny(output_dir, max_steps=20, save_steps=2, save_total_limit=3, push_to_hub=True, hub_model_id="user/maft-outage",
+             hub_timeout=120.0, hub_upload_retries=1)
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("maft: published to")]
+    assert summary == ["maft: published to user/maft-outage: step 2, step 20; not published: "
+                       + "; ".join(f"step {step} (superseded by step {step + 2})" for step in range(4, 20, 2))]
+    assert checkpoint_names(output_dir) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+
+
 SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""
     import sys
     import time

@@ -40,7 +40,9 @@ HEADLINE_METRICS = ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen",
 class MaftTrainingArguments:
     """How a run goes (where it writes, how often it saves and logs, where it publishes); how it trains is the
     `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all), and
-    with an evaluator the best evaluated one too. With an evaluator (`train(..., evaluator=...)`), the model is
+    with an evaluator the best evaluated one too; with `push_to_hub`, an older one also while it is being uploaded,
+    until the upload ends (published, given up or replaced by a newer checkpoint): the next checkpoint or the end of
+    training deletes it. With an evaluator (`train(..., evaluator=...)`), the model is
     evaluated every `eval_steps` (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's)
     and at the last step.
     `hub_timeout` bounds every Hub request, in seconds; at the end of training the last upload is waited for at most
@@ -238,11 +240,11 @@ def train(
                     checkpoint = save_checkpoint(store, model, processor, step, card, publisher, evaluation)
                 if signal_number:
                     progress.close()
-                    stop_after_signal(signal_number, step, checkpoint, publisher, arguments)
+                    stop_after_signal(signal_number, step, checkpoint, store, publisher, arguments)
                 if step >= recipe.max_steps:
                     break
     progress.close()
-    finish_publishing(publisher, arguments)
+    finish_publishing(store, publisher, arguments)
     if evaluator is not None and accelerator.is_main_process:
         report_evaluations(output_dir)
     accelerator.end_training()
@@ -312,14 +314,17 @@ def save_checkpoint(store: CheckpointStore, model, processor: MaftProcessor, ste
     return checkpoint
 
 
-def finish_publishing(publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+def finish_publishing(store: CheckpointStore, publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+    """Waits for the last upload, says what was published and what not, and deletes the checkpoints beyond the limit
+    that were kept only while they were being uploaded (one still uploading stays)."""
     if publisher is not None:
         announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
+        store.prune(publisher.folders_in_use())
 
 
-def stop_after_signal(signal_number: int, step: int, checkpoint: Path, publisher: HubPublisher | None,
-                      arguments: MaftTrainingArguments) -> None:
-    finish_publishing(publisher, arguments)
+def stop_after_signal(signal_number: int, step: int, checkpoint: Path, store: CheckpointStore,
+                      publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+    finish_publishing(store, publisher, arguments)
     name = signal.Signals(signal_number).name
     announce(f"maft: stopped by {name} after step {step}; the training state is in {checkpoint}. "
              f"To go on, run the same command with --resume (train(..., resume=True)) and output dir {arguments.output_dir}.")
