@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,12 +17,12 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 
-from helpers import CLASS_NAMES, launch_two_processes, synthetic_dataset, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, launch_two_processes, save_training_inputs, synthetic_dataset, tiny_model, tiny_processor
 from maft.training import (
     MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, best_checkpoint, complete_checkpoints, train,
 )
 from maft.training.checkpoints import MANIFEST_NAME, checkpoint_problem
-from maft.training.publishing import HubPublisher
+from maft.training.publishing import FinalModelNotPublishedError, HubPublisher
 
 
 def run_tiny(output_dir, dataset=None, max_steps=2, evaluator=None, **run_settings):
@@ -277,8 +279,11 @@ def test_a_hub_that_dies_mid_run_is_reported_at_the_end(tmp_path, hub_server, mo
         hub_server.stop()
 
     monkeypatch.setattr(HubPublisher, "check_access", check_then_die)
-    run_tiny(tmp_path, max_steps=2, save_steps=2, push_to_hub=True, hub_model_id="user/maft-dies", hub_upload_retries=1)
-    assert checkpoint_names(tmp_path) == ["checkpoint-2"]
+    with pytest.raises(FinalModelNotPublishedError) as raised:  # raised once training is over and saved
+        run_tiny(tmp_path, max_steps=2, save_steps=2, push_to_hub=True, hub_model_id="user/maft-dies", hub_upload_retries=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2"] and checkpoint_problem(tmp_path / "checkpoint-2") is None
+    assert (raised.value.repo_id, raised.value.step, raised.value.folder) == ("user/maft-dies", 2, tmp_path / "checkpoint-2" / "model")
+    assert raised.value.reason.startswith("failed 1 times (ConnectError: ")
     summary = capsys.readouterr().err
     assert "maft: published to user/maft-dies: nothing; not published: step 2 (failed 1 times (" in summary
 
@@ -306,6 +311,47 @@ def test_the_checkpoint_limit_holds_once_a_hub_that_hung_answers_again(tmp_path,
                        + "; ".join(f"step {step} (superseded by step {step + 2})" for step in range(4, 20, 2))]
     assert checkpoint_names(output_dir) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
     assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+
+
+def test_a_final_model_that_never_reached_the_hub_exits_3_naming_the_command_that_publishes_it(tmp_path, hub_server, monkeypatch,
+                                                                                                capsys):
+    from maft.cli import EXIT_NOT_PUBLISHED, main
+
+    check_access = HubPublisher.check_access
+
+    def check_then_die(self):
+        check_access(self)
+        hub_server.stop()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_die)
+    save_training_inputs(tmp_path)
+    output_dir = tmp_path / "out"
+    exit_code = main([
+        "train", "--train-dataset", str(tmp_path / "data"), "--class-names", ", ".join(CLASS_NAMES), "--init-from",
+        str(tmp_path / "init"), "--output-dir", str(output_dir), "--max-steps", "4", "--save-steps", "1", "--save-total-limit",
+        "2", "--per-device-batch-size", "2", "--push-to-hub", "--hub-model-id", "user/maft-gone", "--hub-timeout", "5",
+    ])
+    assert exit_code == EXIT_NOT_PUBLISHED == 3
+    out, err = capsys.readouterr()
+    assert "trained 4 steps" in out and (output_dir / "model.safetensors").is_file()  # saved as when nothing fails
+    assert checkpoint_names(output_dir) == ["checkpoint-3", "checkpoint-4"]  # the limit holds with every upload given up
+    final_folder = output_dir / "checkpoint-4" / "model"
+    command = shlex.join(["hf", "upload", "user/maft-gone", str(final_folder), ".", "--commit-message", "Training step 4"])
+    last_line = err.splitlines()[-1]
+    assert re.fullmatch(r"maft train: training finished and is saved, but the final model \(step 4\) did not reach the Hub "
+                        r"repo user/maft-gone: failed 3 times \(ConnectError: .*Connection refused\)\. To publish it later, "
+                        r"run: " + re.escape(command), last_line), last_line
+    assert "maft: published to user/maft-gone: nothing; not published: step 1 (" in err and "step 4 (failed 3 times (" in err
+
+    hub_server.start()  # the Hub is back (on another port, with the same repositories): the printed command publishes
+    environment = {**os.environ, "HF_ENDPOINT": hub_server.endpoint,
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    published = hub_server.files("user/maft-gone")
+    published.pop(".gitattributes")
+    saved = {path.relative_to(final_folder).as_posix(): path.read_bytes() for path in final_folder.rglob("*") if path.is_file()}
+    assert published == saved and "step 4 of 4" in published["README.md"].decode()
 
 
 SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""

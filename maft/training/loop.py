@@ -25,7 +25,7 @@ from ..processing_maft import MaftProcessor
 from ..output_files import write_json
 from .checkpoints import EVALUATION_NAME, CheckpointStore, best_checkpoint, complete_checkpoints
 from .collator import EpochIndexedDataset, MaftTrainingCollator
-from .publishing import HubPublisher
+from .publishing import FinalModelNotPublishedError, HubPublisher
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, TrainingRecipe
 
 
@@ -148,7 +148,9 @@ def train(
     checkpoint (a `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the
     example's index), skipping damaged ones with a warning. SIGINT / SIGTERM finish the step, write a checkpoint and
     raise `SystemExit(130 / 143)`. With `push_to_hub`, Hub access is checked before step 1 (PermissionError or
-    ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`). Labels outside `class_names`
+    ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`); when the last checkpoint did
+    not reach the Hub, `FinalModelNotPublishedError` is raised once everything is saved (its `upload_command`
+    publishes it later). Labels outside `class_names`
     raise a ValueError naming the example, before it is trained on.
 
     With an `evaluator` (e.g. `maft.evaluation.EvaluationSet`), every process evaluates the model every
@@ -244,10 +246,12 @@ def train(
                 if step >= recipe.max_steps:
                     break
     progress.close()
-    finish_publishing(store, publisher, arguments)
+    publishing_failure = finish_publishing(store, publisher, arguments)
     if evaluator is not None and accelerator.is_main_process:
         report_evaluations(output_dir)
     accelerator.end_training()
+    if publishing_failure is not None:
+        raise publishing_failure
     return accelerator.unwrap_model(model)
 
 
@@ -314,12 +318,16 @@ def save_checkpoint(store: CheckpointStore, model, processor: MaftProcessor, ste
     return checkpoint
 
 
-def finish_publishing(store: CheckpointStore, publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+def finish_publishing(store: CheckpointStore, publisher: HubPublisher | None,
+                      arguments: MaftTrainingArguments) -> FinalModelNotPublishedError | None:
     """Waits for the last upload, says what was published and what not, and deletes the checkpoints beyond the limit
-    that were kept only while they were being uploaded (one still uploading stays)."""
-    if publisher is not None:
-        announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
-        store.prune(publisher.folders_in_use())
+    that were kept only while they were being uploaded (one still uploading stays). Returns the error to raise when
+    the newest checkpoint did not reach the Hub."""
+    if publisher is None:
+        return None
+    announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
+    store.prune(publisher.folders_in_use())
+    return publisher.final_model_error()
 
 
 def stop_after_signal(signal_number: int, step: int, checkpoint: Path, store: CheckpointStore,
@@ -344,16 +352,23 @@ def train_from_pretrained(
     `train` of the model and processor saved at `init_from` (a folder or Hub id) on `train_dataset` (columns image
     and label), with the recipe's augmentation unless `augment` is False; the trained model and its processor are
     saved to `arguments.output_dir` (by the main process only, under `accelerate launch`). `label_ignore_index` is the
-    dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`.
+    dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`; its
+    `FinalModelNotPublishedError` is raised after the model is saved.
     """
     model, processor = MaftModel.from_pretrained(init_from), MaftProcessor.from_pretrained(init_from)
     collator = MaftTrainingCollator(processor, augmentation=arguments.recipe.augmentation if augment else None,
                                     seed=arguments.recipe.seed, label_ignore_index=label_ignore_index)
-    trained = train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)
+    publishing_failure = None
+    try:
+        train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)  # trains `model` in place
+    except FinalModelNotPublishedError as error:
+        publishing_failure = error
     if PartialState().is_main_process:
-        trained.save_pretrained(arguments.output_dir)
+        model.save_pretrained(arguments.output_dir)
         processor.save_pretrained(arguments.output_dir)
-    return trained
+    if publishing_failure is not None:
+        raise publishing_failure
+    return model
 
 
 def training_settings(arguments: MaftTrainingArguments) -> dict:

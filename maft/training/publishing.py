@@ -1,6 +1,7 @@
 """Publishing checkpoints to the Hub while training, without ever holding up a training step."""
 
 import logging
+import shlex
 import threading
 from pathlib import Path
 
@@ -16,6 +17,24 @@ logger = logging.getLogger("maft.training")
 ACCESS_PROBLEMS = {401: "the token was rejected (401)", 403: "the token may not write to it (403)",
                    404: "it does not exist and cannot be created with this token (404)"}
 NO_TOKEN = "no token was found (neither HF_TOKEN nor a saved login), and writing needs one"
+
+
+def commit_message(step: int) -> str:
+    return f"Training step {step}"
+
+
+class FinalModelNotPublishedError(RuntimeError):
+    """
+    Training finished and everything is saved locally, but the model of its last checkpoint (`folder`, the model,
+    processor and model card of step `step`) did not reach the Hub repo `repo_id`, for `reason`. `upload_command`
+    (huggingface_hub's command line) publishes that folder later, as the upload during training would have.
+    """
+
+    def __init__(self, repo_id: str, step: int, folder: Path, reason: str):
+        self.repo_id, self.step, self.folder, self.reason = repo_id, step, folder, reason
+        self.upload_command = shlex.join(["hf", "upload", repo_id, str(folder), ".", "--commit-message", commit_message(step)])
+        super().__init__(f"training finished and is saved, but the final model (step {step}) did not reach the Hub repo "
+                         f"{repo_id}: {reason}. To publish it later, run: {self.upload_command}")
 
 
 class HubPublisher:
@@ -34,6 +53,7 @@ class HubPublisher:
         self._condition = threading.Condition()
         self._queued: tuple[int, Path] | None = None
         self._in_flight: tuple[int, Path] | None = None
+        self._newest: tuple[int, Path] | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="maft-hub-publisher", daemon=True)
 
@@ -61,7 +81,7 @@ class HubPublisher:
         with self._condition:
             if self._queued is not None:
                 self.unpublished[self._queued[0]] = f"superseded by step {step}"
-            self._queued = (step, folder)
+            self._queued = self._newest = (step, folder)
             self._condition.notify()
 
     def folders_in_use(self) -> set[Path]:
@@ -85,7 +105,7 @@ class HubPublisher:
         for attempt in range(1, self.retries + 1):
             try:
                 get_session().timeout = self.timeout
-                push_folder_to_hub(folder, self.repo_id, commit_message=f"Training step {step}")
+                push_folder_to_hub(folder, self.repo_id, commit_message=commit_message(step))
                 self.published.append(step)
                 return
             except Exception as error:  # any failure of the network or the Hub must not stop training
@@ -111,3 +131,10 @@ class HubPublisher:
         published = ", ".join(f"step {step}" for step in self.published) or "nothing"
         missing = "; ".join(f"step {step} ({why})" for step, why in sorted(self.unpublished.items()))
         return f"maft: published to {self.repo_id}: {published}" + (f"; not published: {missing}" if missing else "")
+
+    def final_model_error(self) -> FinalModelNotPublishedError | None:
+        """After `finish`: the error to raise when the newest checkpoint given to `publish` did not reach the Hub."""
+        if self._newest is None or self._newest[0] not in self.unpublished:
+            return None
+        step, folder = self._newest
+        return FinalModelNotPublishedError(self.repo_id, step, folder, self.unpublished[step])
