@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trainer.add_argument("--save-total-limit", type=int, default=3,
                          help="keep the newest N checkpoints (0: keep all) and, with --eval-dataset, the best evaluated one "
-                              "(by hIoU when the evaluation has unseen classes, else by mIoU); default: 3")
+                              "(by hIoU when the evaluation has unseen classes, else by mIoU); with --push-to-hub, an older "
+                              "one also while it is being uploaded; default: 3")
     trainer.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER",
                          help="Accelerate trackers for losses, learning rate and throughput: tensorboard, wandb, ...")
     trainer.set_defaults(handler=train_command)
