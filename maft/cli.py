@@ -20,6 +20,7 @@ TRAIN_EXIT_STATUS = (
     "writing a checkpoint (--resume goes on)."
 )
 
+
 def parse_labels(text: str) -> list[str]:
     """'cat, sofa , wall' -> ['cat', 'sofa', 'wall']; empty names are refused."""
     from maft.demo_app import parse_class_names

@@ -42,9 +42,8 @@ class MaftTrainingArguments:
     `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all), and
     with an evaluator the best evaluated one too; with `push_to_hub`, an older one also while it is being uploaded,
     until the upload ends (published, given up or replaced by a newer checkpoint): the next checkpoint or the end of
-    training deletes it. With an evaluator (`train(..., evaluator=...)`), the model is
-    evaluated every `eval_steps` (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's)
-    and at the last step.
+    training deletes it. With an evaluator (`train(..., evaluator=...)`), the model is evaluated every `eval_steps`
+    (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's) and at the last step.
     `hub_timeout` bounds every Hub request, in seconds; at the end of training the last upload is waited for at most
     `hub_timeout * hub_upload_retries` seconds. Every `logging_steps`, the losses, learning rate and samples per
     second go to the console and to `trackers` (Accelerate's: names such as "tensorboard", or tracker objects). `base_model` and `dataset_name` (what training started from and ran
@@ -150,8 +149,7 @@ def train(
     raise `SystemExit(130 / 143)`. With `push_to_hub`, Hub access is checked before step 1 (PermissionError or
     ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`); when the last checkpoint did
     not reach the Hub, `FinalModelNotPublishedError` is raised once everything is saved (its `upload_command`
-    publishes it later). Labels outside `class_names`
-    raise a ValueError naming the example, before it is trained on.
+    publishes it later). Labels outside `class_names` raise a ValueError naming the example, before it is trained on.
 
     With an `evaluator` (e.g. `maft.evaluation.EvaluationSet`), every process evaluates the model every
     `eval_steps` and at the end: the metrics go to the console, the trackers (`eval_` prefix) and the checkpoint

@@ -43,7 +43,8 @@ class HubPublisher:
     upload is in flight, and a checkpoint that arrives while one is queued replaces it (the newest is what matters,
     also after an outage). A failed upload is tried `retries` times unless a newer checkpoint is waiting. Every Hub
     request times out after `timeout` seconds: huggingface_hub's shared HTTP client is given that timeout (it has
-    none by default). Failures are logged, never raised: local checkpoints stay the source of truth.
+    none by default). Failures are logged, never raised: local checkpoints stay the source of truth, and after
+    `finish`, `final_model_error` says whether the newest one got there.
     """
 
     def __init__(self, repo_id: str, retries: int, timeout: float):
