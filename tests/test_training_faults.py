@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,12 +17,12 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 
-from helpers import CLASS_NAMES, launch_two_processes, synthetic_dataset, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, launch_two_processes, save_training_inputs, synthetic_dataset, tiny_model, tiny_processor
 from maft.training import (
     MASK_AWARE_FINE_TUNING_RECIPE, MaftTrainingArguments, MaftTrainingCollator, best_checkpoint, complete_checkpoints, train,
 )
 from maft.training.checkpoints import MANIFEST_NAME, checkpoint_problem
-from maft.training.publishing import HubPublisher
+from maft.training.publishing import FinalModelNotPublishedError, HubPublisher
 
 
 def run_tiny(output_dir, dataset=None, max_steps=2, evaluator=None, **run_settings):
@@ -211,9 +213,24 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path, sign
 def test_a_rejected_token_or_a_malformed_repo_id_stops_before_step_one(tmp_path, hub_server, monkeypatch):
     hub_server.token = "hf_local_test_token"
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
-    with pytest.raises(PermissionError, match="Cannot publish to the Hub repo 'user/maft-trained': the token was rejected"):
+    with pytest.raises(PermissionError, match="Cannot publish to the Hub repo 'user/maft-trained': the token was rejected") as raised:
         run_tiny(tmp_path, push_to_hub=True, hub_model_id="user/maft-trained")
+    assert "no token was found" not in str(raised.value)
     assert checkpoint_names(tmp_path) == [] and "user/maft-trained" not in hub_server.repositories
+
+
+def test_no_token_at_all_is_named_as_missing_with_how_to_provide_one(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import constants
+
+    hub_server.token = "hf_local_test_token"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_login"))
+    with pytest.raises(PermissionError) as raised:
+        run_tiny(tmp_path / "out", push_to_hub=True, hub_model_id="user/maft-trained")
+    assert str(raised.value).startswith("Cannot publish to the Hub repo 'user/maft-trained': no token was found (neither "
+                                        "HF_TOKEN nor a saved login), and writing needs one (401). Log in with `hf auth login` "
+                                        "or set HF_TOKEN to a token with write access")
+    assert "rejected" not in str(raised.value) and checkpoint_names(tmp_path / "out") == []
     with pytest.raises(ValueError, match="`hub_model_id` 'user/maft/trained' is not a Hub repo id"):
         MaftTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="user/maft/trained")
 
@@ -262,10 +279,79 @@ def test_a_hub_that_dies_mid_run_is_reported_at_the_end(tmp_path, hub_server, mo
         hub_server.stop()
 
     monkeypatch.setattr(HubPublisher, "check_access", check_then_die)
-    run_tiny(tmp_path, max_steps=2, save_steps=2, push_to_hub=True, hub_model_id="user/maft-dies", hub_upload_retries=1)
-    assert checkpoint_names(tmp_path) == ["checkpoint-2"]
+    with pytest.raises(FinalModelNotPublishedError) as raised:  # raised once training is over and saved
+        run_tiny(tmp_path, max_steps=2, save_steps=2, push_to_hub=True, hub_model_id="user/maft-dies", hub_upload_retries=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2"] and checkpoint_problem(tmp_path / "checkpoint-2") is None
+    assert (raised.value.repo_id, raised.value.step, raised.value.folder) == ("user/maft-dies", 2, tmp_path / "checkpoint-2" / "model")
+    assert raised.value.reason.startswith("failed 1 times (ConnectError: ")
     summary = capsys.readouterr().err
     assert "maft: published to user/maft-dies: nothing; not published: step 2 (failed 1 times (" in summary
+
+
+def test_the_checkpoint_limit_holds_once_a_hub_that_hung_answers_again(tmp_path, hub_server, monkeypatch, capsys):
+    output_dir = tmp_path / "out"  # tmp_path also holds the Hub client's files
+    check_access, publish = HubPublisher.check_access, HubPublisher.publish
+
+    def check_then_hang(self):
+        check_access(self)
+        hub_server.pause()  # the upload of step 2 hangs, and its checkpoint is kept beyond the limit meanwhile
+
+    def publish_and_answer_at_the_end(self, step, folder):
+        publish(self, step, folder)
+        if step == 20:
+            assert self.folders_in_use() >= {output_dir / "checkpoint-2"}
+            hub_server.unpause()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_hang)
+    monkeypatch.setattr(HubPublisher, "publish", publish_and_answer_at_the_end)
+    run_tiny(output_dir, max_steps=20, save_steps=2, save_total_limit=3, push_to_hub=True, hub_model_id="user/maft-outage",
+             hub_timeout=120.0, hub_upload_retries=1)
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("maft: published to")]
+    assert summary == ["maft: published to user/maft-outage: step 2, step 20; not published: "
+                       + "; ".join(f"step {step} (superseded by step {step + 2})" for step in range(4, 20, 2))]
+    assert checkpoint_names(output_dir) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+
+
+def test_a_final_model_that_never_reached_the_hub_exits_3_naming_the_command_that_publishes_it(tmp_path, hub_server, monkeypatch,
+                                                                                                capsys):
+    from maft.cli import EXIT_NOT_PUBLISHED, main
+
+    check_access = HubPublisher.check_access
+
+    def check_then_die(self):
+        check_access(self)
+        hub_server.stop()
+
+    monkeypatch.setattr(HubPublisher, "check_access", check_then_die)
+    save_training_inputs(tmp_path)
+    output_dir = tmp_path / "out"
+    exit_code = main([
+        "train", "--train-dataset", str(tmp_path / "data"), "--class-names", ", ".join(CLASS_NAMES), "--init-from",
+        str(tmp_path / "init"), "--output-dir", str(output_dir), "--max-steps", "4", "--save-steps", "1", "--save-total-limit",
+        "2", "--per-device-batch-size", "2", "--push-to-hub", "--hub-model-id", "user/maft-gone", "--hub-timeout", "5",
+    ])
+    assert exit_code == EXIT_NOT_PUBLISHED == 3
+    out, err = capsys.readouterr()
+    assert "trained 4 steps" in out and (output_dir / "model.safetensors").is_file()  # saved as when nothing fails
+    assert checkpoint_names(output_dir) == ["checkpoint-3", "checkpoint-4"]  # the limit holds with every upload given up
+    final_folder = output_dir / "checkpoint-4" / "model"
+    command = shlex.join(["hf", "upload", "user/maft-gone", str(final_folder), ".", "--commit-message", "Training step 4"])
+    last_line = err.splitlines()[-1]
+    assert re.fullmatch(r"maft train: training finished and is saved, but the final model \(step 4\) did not reach the Hub "
+                        r"repo user/maft-gone: failed 3 times \(ConnectError: .*Connection refused\)\. To publish it later, "
+                        r"run: " + re.escape(command), last_line), last_line
+    assert "maft: published to user/maft-gone: nothing; not published: step 1 (" in err and "step 4 (failed 3 times (" in err
+
+    hub_server.start()  # the Hub is back (on another port, with the same repositories): the printed command publishes
+    environment = {**os.environ, "HF_ENDPOINT": hub_server.endpoint,
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    published = hub_server.files("user/maft-gone")
+    published.pop(".gitattributes")
+    saved = {path.relative_to(final_folder).as_posix(): path.read_bytes() for path in final_folder.rglob("*") if path.is_file()}
+    assert published == saved and "step 4 of 4" in published["README.md"].decode()
 
 
 SLOW_SECOND_PROCESS_SCRIPT = textwrap.dedent("""

@@ -1,6 +1,7 @@
 """The `maft` command line: parses arguments, calls the library and prints. Any failure ends in one line naming the
-problem (`maft <command>: ...`) and exit code 1; `--debug` shows the traceback instead. Nothing heavy (torch,
-transformers, the model) is imported until a command runs, so `maft --help` answers at once."""
+problem (`maft <command>: ...`) and exit code 1; `--debug` shows the traceback instead. `maft train --push-to-hub`
+whose final model is saved but did not reach the Hub ends with exit code 3 (`EXIT_NOT_PUBLISHED`). Nothing heavy
+(torch, transformers, the model) is imported until a command runs, so `maft --help` answers at once."""
 
 import argparse
 import sys
@@ -8,6 +9,16 @@ import traceback
 from pathlib import Path
 
 from .model_loading import MODEL_DTYPES
+
+
+# `maft train --push-to-hub`: training succeeded and everything is saved, but the final model is not on the Hub
+EXIT_NOT_PUBLISHED = 3
+TRAIN_EXIT_STATUS = (
+    "Exit status: 0 trained and saved (with --push-to-hub, the final model is on the Hub); 1 failed (one line says "
+    "why); 2 malformed command line; 3 trained and saved, but with --push-to-hub the final model did not reach the Hub "
+    "(the last line gives the `hf upload` command that publishes it); 130 / 143 stopped by SIGINT / SIGTERM after "
+    "writing a checkpoint (--resume goes on)."
+)
 
 
 def parse_labels(text: str) -> list[str]:
@@ -146,7 +157,7 @@ def train_command(arguments: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from maft.cli.model_loading import check_model
-    from maft.training import MaftTrainingArguments, get_recipe, train_from_pretrained
+    from maft.training import FinalModelNotPublishedError, MaftTrainingArguments, get_recipe, train_from_pretrained
 
     check_model(arguments.init_from)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.train_dataset, default_split="train")
@@ -164,8 +175,12 @@ def train_command(arguments: argparse.Namespace) -> int:
         **{option: getattr(arguments, option) for option in RUN_OPTIONS if getattr(arguments, option) is not None},
     )
     evaluator = evaluation_set(arguments, class_names) if arguments.eval_dataset else None
-    train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
-                          augment=not arguments.no_augmentation, evaluator=evaluator)
+    unpublished = None
+    try:
+        train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
+                              augment=not arguments.no_augmentation, evaluator=evaluator)
+    except FinalModelNotPublishedError as error:  # raised once everything is saved: report the results first
+        unpublished = error
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
         print(f"trained {recipe.max_steps} steps; model saved to {arguments.output_dir}")
         if evaluator is not None:
@@ -174,6 +189,9 @@ def train_command(arguments: argparse.Namespace) -> int:
             from maft.evaluation import format_results_table
 
             print(format_results_table(json.loads(Path(arguments.output_dir, "eval_results.json").read_text())))
+    if unpublished is not None:
+        print(f"maft train: {one_line(unpublished)}", file=sys.stderr)
+        return EXIT_NOT_PUBLISHED
     return 0
 
 
@@ -322,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
     segmenter.set_defaults(handler=segment)
 
-    trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")
+    trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)",
+                                  epilog=TRAIN_EXIT_STATUS)
     trainer.add_argument("--stage", default="maft", choices=["maft", "proposals"])
     add_dataset_arguments(trainer, "--train-dataset")
     trainer.add_argument("--eval-dataset",
@@ -336,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    trainer.add_argument("--push-to-hub", action="store_true")
-    trainer.add_argument("--hub-model-id")
+    trainer.add_argument("--push-to-hub", action="store_true",
+                         help="upload each checkpoint's model (with a model card) to --hub-model-id in the background; "
+                              "exit status 3 if the final one does not get there")
+    trainer.add_argument("--hub-model-id", metavar="ORG/NAME", help="the Hub repository --push-to-hub writes to")
     recipe_help = "default: the stage's recipe (maft.training.recipes: PROPOSAL_GENERATOR_RECIPE, MASK_AWARE_FINE_TUNING_RECIPE)"
     for name, kind, help_text in (
         ("max-steps", int, recipe_help),
@@ -358,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trainer.add_argument("--save-total-limit", type=int, default=3,
                          help="keep the newest N checkpoints (0: keep all) and, with --eval-dataset, the best evaluated one "
-                              "(by hIoU when the evaluation has unseen classes, else by mIoU); default: 3")
+                              "(by hIoU when the evaluation has unseen classes, else by mIoU); with --push-to-hub, an older "
+                              "one also while it is being uploaded; default: 3")
     trainer.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER",
                          help="Accelerate trackers for losses, learning rate and throughput: tensorboard, wandb, ...")
     trainer.set_defaults(handler=train_command)

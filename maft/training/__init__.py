@@ -2,6 +2,7 @@
 
 from .collator import MaftTrainingCollator
 from .loop import Evaluator, MaftTrainingArguments, best_checkpoint, complete_checkpoints, train, train_from_pretrained
+from .publishing import FinalModelNotPublishedError
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, PROPOSAL_GENERATOR_RECIPE, RECIPES, TrainingRecipe, get_recipe
 from .trainer import MaftTrainer, trainer_arguments
 
@@ -11,6 +12,7 @@ __all__ = [
     "PROPOSAL_GENERATOR_RECIPE",
     "RECIPES",
     "Evaluator",
+    "FinalModelNotPublishedError",
     "MaftTrainer",
     "MaftTrainingArguments",
     "MaftTrainingCollator",

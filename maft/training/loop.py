@@ -25,7 +25,7 @@ from ..processing_maft import MaftProcessor
 from ..utils.output_files import write_json
 from .checkpoints import EVALUATION_NAME, CheckpointStore, best_checkpoint, complete_checkpoints
 from .collator import EpochIndexedDataset, MaftTrainingCollator
-from .publishing import HubPublisher
+from .publishing import FinalModelNotPublishedError, HubPublisher
 from .recipes import MASK_AWARE_FINE_TUNING_RECIPE, TrainingRecipe
 
 
@@ -40,9 +40,10 @@ HEADLINE_METRICS = ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen",
 class MaftTrainingArguments:
     """How a run goes (where it writes, how often it saves and logs, where it publishes); how it trains is the
     `recipe`'s (`maft.training.recipes`). `save_total_limit` checkpoints are kept, the newest (None: all), and
-    with an evaluator the best evaluated one too. With an evaluator (`train(..., evaluator=...)`), the model is
-    evaluated every `eval_steps` (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's)
-    and at the last step.
+    with an evaluator the best evaluated one too; with `push_to_hub`, an older one also while it is being uploaded,
+    until the upload ends (published, given up or replaced by a newer checkpoint): the next checkpoint or the end of
+    training deletes it. With an evaluator (`train(..., evaluator=...)`), the model is evaluated every `eval_steps`
+    (default: `save_steps`; a multiple of it, so that each evaluation is a checkpoint's) and at the last step.
     `hub_timeout` bounds every Hub request, in seconds; at the end of training the last upload is waited for at most
     `hub_timeout * hub_upload_retries` seconds. Every `logging_steps`, the losses, learning rate and samples per
     second go to the console and to `trackers` (Accelerate's: names such as "tensorboard", or tracker objects). `base_model` and `dataset_name` (what training started from and ran
@@ -146,8 +147,9 @@ def train(
     checkpoint (a `MaftTrainingCollator`'s augmentation included: it is seeded per example, from the epoch and the
     example's index), skipping damaged ones with a warning. SIGINT / SIGTERM finish the step, write a checkpoint and
     raise `SystemExit(130 / 143)`. With `push_to_hub`, Hub access is checked before step 1 (PermissionError or
-    ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`). Labels outside `class_names`
-    raise a ValueError naming the example, before it is trained on.
+    ConnectionError) and checkpoints are uploaded in the background (`HubPublisher`); when the last checkpoint did
+    not reach the Hub, `FinalModelNotPublishedError` is raised once everything is saved (its `upload_command`
+    publishes it later). Labels outside `class_names` raise a ValueError naming the example, before it is trained on.
 
     With an `evaluator` (e.g. `maft.evaluation.EvaluationSet`), every process evaluates the model every
     `eval_steps` and at the end: the metrics go to the console, the trackers (`eval_` prefix) and the checkpoint
@@ -238,14 +240,16 @@ def train(
                     checkpoint = save_checkpoint(store, model, processor, step, card, publisher, evaluation)
                 if signal_number:
                     progress.close()
-                    stop_after_signal(signal_number, step, checkpoint, publisher, arguments)
+                    stop_after_signal(signal_number, step, checkpoint, store, publisher, arguments)
                 if step >= recipe.max_steps:
                     break
     progress.close()
-    finish_publishing(publisher, arguments)
+    publishing_failure = finish_publishing(store, publisher, arguments)
     if evaluator is not None and accelerator.is_main_process:
         report_evaluations(output_dir)
     accelerator.end_training()
+    if publishing_failure is not None:
+        raise publishing_failure
     return accelerator.unwrap_model(model)
 
 
@@ -312,14 +316,21 @@ def save_checkpoint(store: CheckpointStore, model, processor: MaftProcessor, ste
     return checkpoint
 
 
-def finish_publishing(publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
-    if publisher is not None:
-        announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
+def finish_publishing(store: CheckpointStore, publisher: HubPublisher | None,
+                      arguments: MaftTrainingArguments) -> FinalModelNotPublishedError | None:
+    """Waits for the last upload, says what was published and what not, and deletes the checkpoints beyond the limit
+    that were kept only while they were being uploaded (one still uploading stays). Returns the error to raise when
+    the newest checkpoint did not reach the Hub."""
+    if publisher is None:
+        return None
+    announce(publisher.finish(wait=arguments.hub_timeout * arguments.hub_upload_retries))
+    store.prune(publisher.folders_in_use())
+    return publisher.final_model_error()
 
 
-def stop_after_signal(signal_number: int, step: int, checkpoint: Path, publisher: HubPublisher | None,
-                      arguments: MaftTrainingArguments) -> None:
-    finish_publishing(publisher, arguments)
+def stop_after_signal(signal_number: int, step: int, checkpoint: Path, store: CheckpointStore,
+                      publisher: HubPublisher | None, arguments: MaftTrainingArguments) -> None:
+    finish_publishing(store, publisher, arguments)
     name = signal.Signals(signal_number).name
     announce(f"maft: stopped by {name} after step {step}; the training state is in {checkpoint}. "
              f"To go on, run the same command with --resume (train(..., resume=True)) and output dir {arguments.output_dir}.")
@@ -339,16 +350,23 @@ def train_from_pretrained(
     `train` of the model and processor saved at `init_from` (a folder or Hub id) on `train_dataset` (columns image
     and label), with the recipe's augmentation unless `augment` is False; the trained model and its processor are
     saved to `arguments.output_dir` (by the main process only, under `accelerate launch`). `label_ignore_index` is the
-    dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`.
+    dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`; its
+    `FinalModelNotPublishedError` is raised after the model is saved.
     """
     model, processor = MaftModel.from_pretrained(init_from), MaftProcessor.from_pretrained(init_from)
     collator = MaftTrainingCollator(processor, augmentation=arguments.recipe.augmentation if augment else None,
                                     seed=arguments.recipe.seed, label_ignore_index=label_ignore_index)
-    trained = train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)
+    publishing_failure = None
+    try:
+        train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)  # trains `model` in place
+    except FinalModelNotPublishedError as error:
+        publishing_failure = error
     if PartialState().is_main_process:
-        trained.save_pretrained(arguments.output_dir)
+        model.save_pretrained(arguments.output_dir)
         processor.save_pretrained(arguments.output_dir)
-    return trained
+    if publishing_failure is not None:
+        raise publishing_failure
+    return model
 
 
 def training_settings(arguments: MaftTrainingArguments) -> dict:
