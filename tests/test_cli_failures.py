@@ -75,6 +75,9 @@ def inputs(tmp_path_factory) -> Path:
     torch.save({"model": dict(golden_state_dict()), "iteration": 10}, root / "model_final.pth")
     checkpoint = (root / "model_final.pth").read_bytes()
     (root / "truncated.pth").write_bytes(checkpoint[: len(checkpoint) // 2])
+    (root / "cut_early.pth").write_bytes(checkpoint[:5000])  # torch.load: "[Errno 22] Invalid argument"
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"model": {**golden_state_dict(), "sem_seg_head.predictor.query_feat.weight": "query features"}}, root / "string_entry.pth")
     (root / "malformed.yaml").write_text("MODEL:\n  MASK_FORMER: [1, 2\n  START_LAYERS: : 3\n")
     return root
 
@@ -90,6 +93,7 @@ def unwritable_folder() -> str | None:
 
 
 SEGMENT = ("segment", "image.png", "--labels", "cat, dog")
+CHECKPOINT_UNREADABLE = "cannot read {}: it is empty, truncated or not a PyTorch checkpoint"
 
 FAILURES = {
     "output is a file": ((*SEGMENT, "--model", "model", "--output", "a_file"), "a_file is a file"),
@@ -103,8 +107,16 @@ FAILURES = {
     "missing dataset": (("evaluate", "--model", "model", "--dataset", "./no_such_data"), "the dataset folder ./no_such_data does not exist"),
     "benchmark without data root": (("evaluate", "--model", "model", "--benchmark", "ade20k_150"), "needs its data root"),
     "evaluate output is a folder": (("evaluate", "--model", "model", "--dataset", "x", "--output", "model"), "model: it is a folder"),
-    "empty checkpoint": (("convert", "--checkpoint", "empty.pth", "--output-dir", "out"), "empty.pth: it is empty or truncated"),
-    "truncated checkpoint": (("convert", "--checkpoint", "truncated.pth", "--output-dir", "out"), "truncated.pth: it is empty or truncated"),
+    "empty checkpoint": (("convert", "--checkpoint", "empty.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("empty.pth")),
+    "truncated checkpoint": (("convert", "--checkpoint", "truncated.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("truncated.pth")),
+    "checkpoint cut in its first record": (
+        ("convert", "--checkpoint", "cut_early.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("cut_early.pth"),
+    ),
+    "text file as checkpoint": (("convert", "--checkpoint", "notes.txt", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("notes.txt")),
+    "string in the checkpoint": (
+        ("convert", "--checkpoint", "string_entry.pth", "--output-dir", "out"),
+        "string_entry.pth: the entry 'sem_seg_head.predictor.query_feat.weight' holds a str ('query features') where a tensor should be",
+    ),
     "malformed original config": (
         ("convert", "--checkpoint", "model_final.pth", "--original-config", "malformed.yaml", "--output-dir", "out"),
         "malformed.yaml is not valid YAML", "line 3",
