@@ -100,7 +100,7 @@ FAILURES = {
     "repeated class name": (("segment", "image.png", "--labels", "cat, sofa, cat", "--model", "model"), "repeated: ['cat']"),
     "missing model folder": ((*SEGMENT, "--model", "./no_such_model"), "the model folder no_such_model does not exist"),
     "corrupt config.json": ((*SEGMENT, "--model", "corrupt_config"), "corrupt_config/config.json is corrupt"),
-    "truncated weights": ((*SEGMENT, "--model", "truncated_weights"), "truncated_weights/model.safetensors is corrupt"),
+    "truncated weights": ((*SEGMENT, "--model", "truncated_weights"), "truncated_weights/model.safetensors is incomplete or corrupt"),
     "CLIP folder as model": ((*SEGMENT, "--model", "clip"), "holds a 'clip' model (CLIPModel), not a MAFT model"),
     "Hub id while offline": ((*SEGMENT, "--model", "someone/maft-model"), "'someone/maft-model'", "the Hub is offline"),
     "cuda without CUDA": ((*SEGMENT, "--model", "model", "--device", "cuda"), "the device 'cuda' is not available"),
