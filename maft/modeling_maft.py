@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
