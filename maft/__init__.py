@@ -1,9 +1,13 @@
 """MAFT: Mask-aware Fine-Tuning of CLIP for open-vocabulary semantic segmentation, with the transformers API.
 
-The package imports its classes (and transformers) on first use, so that `maft --help` starts at once; the first use
-of any of them also registers MAFT with transformers' Auto classes."""
+`import maft` registers MAFT with transformers (its Auto classes and the zero-shot-image-segmentation pipeline), so
+that `AutoModel.from_pretrained` and `pipeline(...)` load MAFT models without `trust_remote_code`. The `maft` command
+line defers that (and importing torch and transformers) to the first use of a class, so that `maft --help` starts at
+once."""
 
 import importlib
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 
@@ -47,14 +51,30 @@ def _register_pipeline() -> None:
     )
 
 
+def _register_with_transformers() -> None:
+    """Imports the exported classes (their modules register the Auto classes) and registers the pipeline."""
+    _register_pipeline()
+    for exported, module in _EXPORTS.items():  # cache them all: later lookups no longer come to `__getattr__`
+        globals()[exported] = getattr(importlib.import_module(f".{module}", __name__), exported)
+
+
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _register_pipeline()
-    for exported, module in _EXPORTS.items():  # cache them all: later lookups no longer come here
-        globals()[exported] = getattr(importlib.import_module(f".{module}", __name__), exported)
+    _register_with_transformers()
     return globals()[name]
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _runs_the_command_line() -> bool:
+    """Whether this Python was started as maft's command line: the `maft` console script, or `python -m maft` (whose
+    `sys.argv[0]` is "-m" while the package is imported)."""
+    program = Path(sys.argv[0]).stem if sys.argv else ""
+    return program == "maft" or (program == "-m" and __name__ in sys.orig_argv)
+
+
+if not _runs_the_command_line():
+    _register_with_transformers()

@@ -264,6 +264,16 @@ class MaftConfig(PreTrainedConfig):
             raise ValueError(f"`num_feature_levels` must be 3 (res3, res4, res5), got {self.num_feature_levels}.")
 
     @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reads a config file; the config of another model (e.g. a CLIP checkpoint's) is refused, naming its type."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if "model_type" in config_dict:
+            check_is_maft_config(config_dict, pretrained_model_name_or_path)
+        return config_dict, kwargs
+
+    @classmethod
     def vit_large_patch14(cls, **kwargs) -> "MaftConfig":
         """MAFT with CLIP ViT-L/14 (IP-CLIP masks from layer 16 of 24), as released by the authors."""
         defaults = dict(
@@ -276,6 +286,17 @@ class MaftConfig(PreTrainedConfig):
         )
         defaults.update(kwargs)
         return cls(**defaults)
+
+
+def check_is_maft_config(config: dict, name: str | os.PathLike) -> None:
+    """Refuses a model config (as in config.json) that is not MAFT's, e.g. a CLIP checkpoint given as the model."""
+    model_type = config.get("model_type")
+    if model_type != MaftConfig.model_type:
+        architectures = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise ValueError(
+            f"{name} holds a {model_type!r} model ({architectures}), not a MAFT model ({MaftConfig.model_type!r}): "
+            "start one from CLIP with MaftModel.from_clip_pretrained, or convert an original checkpoint with `maft convert`"
+        )
 
 
 def pipeline_is_registered() -> bool:

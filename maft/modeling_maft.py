@@ -1,9 +1,12 @@
 """PyTorch MAFT model: open-vocabulary semantic segmentation with a mask-aware CLIP (IP-CLIP)."""
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
@@ -24,6 +27,41 @@ from .deformable_attention import MultiScaleDeformableAttention
 
 
 logger = logging.get_logger(__name__)
+
+
+def check_finite_images(name: str, images: torch.Tensor) -> None:
+    """Refuses images (B, C, H, W) holding NaN or infinite values, naming the argument and the images. A value check
+    waits for the data: done in eager mode only, so that a compiled model has no graph break."""
+    if is_torchdynamo_compiling() or torch.isfinite(images).all():
+        return
+    bad = sorted({int(index) for index in (~torch.isfinite(images)).flatten(1).any(1).nonzero()})
+    raise ValueError(f"`{name}` of image(s) {bad} holds NaN or infinite values: check the input images.")
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Refuses a weights file that is not a complete safetensors file (e.g. cut off by an interrupted copy), naming it."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is incomplete or corrupt (truncated, or not a safetensors file): {error}") from error
+
+
+class MaftWeightsFileErrorsMixin:
+    """`from_pretrained` naming a damaged weights file: safetensors' own error says only that a header is wrong."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+                check_safetensors_file(path)
+            raise ValueError(
+                f"a weights file of {pretrained_model_name_or_path} is incomplete or corrupt (truncated, or not a "
+                f"safetensors file): {error}"
+            ) from error
 
 
 @dataclass
@@ -145,7 +183,7 @@ class MaftClipEncoderLayer(CLIPEncoderLayer):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
-class MaftClipVisionModel(CLIPVisionModel):
+class MaftClipVisionModel(MaftWeightsFileErrorsMixin, CLIPVisionModel):
     """
     The IP-CLIP image encoder of MAFT: a CLIP vision tower that takes an image and any number of mask proposals and
     returns one CLIP embedding per proposal in a single forward pass.
@@ -248,6 +286,7 @@ class MaftClipVisionModel(CLIPVisionModel):
                 f"`pixel_values` must have shape (batch_size, {self.config.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
+        check_finite_images("pixel_values", pixel_values)
         if mask_proposals is None:
             return
         if mask_proposals.dim() != 4:
@@ -764,7 +803,7 @@ class MaftModelOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
 
 
-class MaftPreTrainedModel(PreTrainedModel):
+class MaftPreTrainedModel(MaftWeightsFileErrorsMixin, PreTrainedModel):
     config: MaftConfig
     config_class = MaftConfig
     base_model_prefix = "maft"
@@ -1010,11 +1049,8 @@ class MaftModel(MaftPreTrainedModel):
                 f"`pixel_values` {tuple(pixel_values.shape)} and `clip_pixel_values` {tuple(clip_pixel_values.shape)} must both "
                 "be (batch_size, 3, height, width) with the same batch size."
             )
-        if not is_torchdynamo_compiling():
-            for name, images in (("pixel_values", pixel_values), ("clip_pixel_values", clip_pixel_values)):
-                if not torch.isfinite(images).all():
-                    bad = sorted({int(index) for index in (~torch.isfinite(images)).flatten(1).any(1).nonzero()})
-                    raise ValueError(f"`{name}` of image(s) {bad} holds NaN or infinite values: check the input images.")
+        check_finite_images("pixel_values", pixel_values)
+        check_finite_images("clip_pixel_values", clip_pixel_values)
         text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, pixel_values.shape[0])
         if self.training or clip_view_sizes is None or pixel_values.shape[0] == 1:
             outputs = self._segment(pixel_values, clip_pixel_values, text_embeds, pixel_mask, clip_view_sizes, seen_classes)

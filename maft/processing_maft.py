@@ -469,8 +469,7 @@ class MaftImageProcessor(BaseImageProcessor):
         class_scores = outputs.class_queries_logits.softmax(dim=-1)[..., :-1]
         mask_logits = outputs.masks_queries_logits
         batch_size = mask_logits.shape[0]
-        if target_sizes is not None and len(target_sizes) != batch_size:
-            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
+        target_sizes = checked_target_sizes(target_sizes, batch_size)
         padded_size = (mask_logits.shape[-2] * self.mask_stride, mask_logits.shape[-1] * self.mask_stride)
         results = []
         padded_sizes = getattr(outputs, "padded_sizes", None)
@@ -487,15 +486,31 @@ class MaftImageProcessor(BaseImageProcessor):
             if target_sizes is None:
                 segmentation = scores.argmax(dim=0)
             elif return_segmentation_scores:
-                scores = resize_scores(scores, tuple(int(value) for value in target_sizes[index]))
+                scores = resize_scores(scores, target_sizes[index])
                 segmentation = scores.argmax(dim=0)
             else:
-                segmentation = resized_argmax(scores, tuple(int(value) for value in target_sizes[index])).long()
+                segmentation = resized_argmax(scores, target_sizes[index]).long()
             if return_segmentation_scores:
                 results.append(SemanticSegmentationPostProcessorOutput(data={"segmentation": segmentation, "segmentation_scores": scores}))
             else:
                 results.append(segmentation)
         return results
+
+
+def checked_target_sizes(
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None, batch_size: int
+) -> list[tuple[int, int]] | None:
+    """`target_sizes` as one (height, width) of Python ints per image; a count that is not the batch's, or a size that
+    is not two positive values, is refused naming it."""
+    if target_sizes is None:
+        return None
+    if len(target_sizes) != batch_size:
+        raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
+    sizes = [tuple(int(value) for value in size) for size in target_sizes]
+    for index, size in enumerate(sizes):
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"The target size of image {index} must be (height, width), both at least 1, got {size}.")
+    return sizes
 
 
 def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -75,6 +75,9 @@ def inputs(tmp_path_factory) -> Path:
     torch.save({"model": dict(golden_state_dict()), "iteration": 10}, root / "model_final.pth")
     checkpoint = (root / "model_final.pth").read_bytes()
     (root / "truncated.pth").write_bytes(checkpoint[: len(checkpoint) // 2])
+    (root / "cut_early.pth").write_bytes(checkpoint[:5000])  # torch.load: "[Errno 22] Invalid argument"
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"model": {**golden_state_dict(), "sem_seg_head.predictor.query_feat.weight": "query features"}}, root / "string_entry.pth")
     (root / "malformed.yaml").write_text("MODEL:\n  MASK_FORMER: [1, 2\n  START_LAYERS: : 3\n")
     return root
 
@@ -90,21 +93,30 @@ def unwritable_folder() -> str | None:
 
 
 SEGMENT = ("segment", "image.png", "--labels", "cat, dog")
+CHECKPOINT_UNREADABLE = "cannot read {}: it is empty, truncated or not a PyTorch checkpoint"
 
 FAILURES = {
     "output is a file": ((*SEGMENT, "--model", "model", "--output", "a_file"), "a_file is a file"),
     "repeated class name": (("segment", "image.png", "--labels", "cat, sofa, cat", "--model", "model"), "repeated: ['cat']"),
     "missing model folder": ((*SEGMENT, "--model", "./no_such_model"), "the model folder no_such_model does not exist"),
     "corrupt config.json": ((*SEGMENT, "--model", "corrupt_config"), "corrupt_config/config.json is corrupt"),
-    "truncated weights": ((*SEGMENT, "--model", "truncated_weights"), "truncated_weights/model.safetensors is corrupt"),
+    "truncated weights": ((*SEGMENT, "--model", "truncated_weights"), "truncated_weights/model.safetensors is incomplete or corrupt"),
     "CLIP folder as model": ((*SEGMENT, "--model", "clip"), "holds a 'clip' model (CLIPModel), not a MAFT model"),
     "Hub id while offline": ((*SEGMENT, "--model", "someone/maft-model"), "'someone/maft-model'", "the Hub is offline"),
     "cuda without CUDA": ((*SEGMENT, "--model", "model", "--device", "cuda"), "the device 'cuda' is not available"),
     "missing dataset": (("evaluate", "--model", "model", "--dataset", "./no_such_data"), "the dataset folder ./no_such_data does not exist"),
     "benchmark without data root": (("evaluate", "--model", "model", "--benchmark", "ade20k_150"), "needs its data root"),
     "evaluate output is a folder": (("evaluate", "--model", "model", "--dataset", "x", "--output", "model"), "model: it is a folder"),
-    "empty checkpoint": (("convert", "--checkpoint", "empty.pth", "--output-dir", "out"), "empty.pth: it is empty or truncated"),
-    "truncated checkpoint": (("convert", "--checkpoint", "truncated.pth", "--output-dir", "out"), "truncated.pth: it is empty or truncated"),
+    "empty checkpoint": (("convert", "--checkpoint", "empty.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("empty.pth")),
+    "truncated checkpoint": (("convert", "--checkpoint", "truncated.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("truncated.pth")),
+    "checkpoint cut in its first record": (
+        ("convert", "--checkpoint", "cut_early.pth", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("cut_early.pth"),
+    ),
+    "text file as checkpoint": (("convert", "--checkpoint", "notes.txt", "--output-dir", "out"), CHECKPOINT_UNREADABLE.format("notes.txt")),
+    "string in the checkpoint": (
+        ("convert", "--checkpoint", "string_entry.pth", "--output-dir", "out"),
+        "string_entry.pth: the entry 'sem_seg_head.predictor.query_feat.weight' holds a str ('query features') where a tensor should be",
+    ),
     "malformed original config": (
         ("convert", "--checkpoint", "model_final.pth", "--original-config", "malformed.yaml", "--output-dir", "out"),
         "malformed.yaml is not valid YAML", "line 3",
@@ -184,9 +196,11 @@ def test_segment_reports_each_failing_image_and_goes_on(inputs, tmp_path):
 
 
 def test_python_dash_m_maft_and_help_without_heavy_imports():
-    environment = os.environ | {"PYTHONPATH": str(REPOSITORY)}
-    result = subprocess.run([sys.executable, "-m", "maft", "segment", "--help"], capture_output=True, text=True, env=environment)
-    assert result.returncode == 0 and "--device" in result.stdout and "NAME-N" in result.stdout
-    probe = "import sys, maft.cli; maft.cli.build_parser(); print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
-    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment, check=True)
-    assert imported.stdout.strip() == "[]"
+    """The command line defers what `import maft` does elsewhere (registering with transformers): no torch, transformers
+    or datasets for `--help`, through the console script or `python -m maft`."""
+    environment = os.environ | {"PYTHONPATH": str(REPOSITORY), "PYTHONPROFILEIMPORTTIME": "1"}
+    for command in ([str(MAFT)], [sys.executable, "-m", "maft"]):
+        result = subprocess.run([*command, "segment", "--help"], capture_output=True, text=True, env=environment)
+        assert result.returncode == 0 and "--device" in result.stdout and "NAME-N" in result.stdout
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if line.startswith("import time:")}
+        assert "maft" in imported and not {"torch", "transformers", "datasets"} & imported, command

@@ -64,7 +64,7 @@ def test_a_model_folder_is_checked_before_loading(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         check_model_folder(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+    with pytest.raises(ValueError, match="model.safetensors is incomplete or corrupt"):
         check_model_folder(tmp_path)
     with pytest.raises(NotADirectoryError, match="is a file, not a model folder"):
         check_model_folder(tmp_path / "config.json")

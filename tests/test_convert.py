@@ -53,6 +53,24 @@ def test_a_pickle_with_an_unexpected_global_is_refused(tmp_path):
         load_original_checkpoint(path)
 
 
+def test_a_truncated_or_foreign_file_is_refused_naming_it(tmp_path):
+    torch.save({"model": {"x": torch.zeros(1000)}}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:300])
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for name in ("cut.pth", "notes.txt"):
+        with pytest.raises(ValueError, match=f"cannot read .*{name}: it is empty, truncated or not a PyTorch checkpoint"):
+            load_original_checkpoint(tmp_path / name)
+
+
+def test_a_string_where_a_tensor_should_be_is_named_with_its_file(tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"x": torch.zeros(1), "clip_adapter.non_object_embedding": "none"}}, path)
+    with pytest.raises(ValueError, match=r"model_final.pth: the entry 'clip_adapter.non_object_embedding' holds a str \('none'\)"):
+        load_original_checkpoint(path)
+    with pytest.raises(ValueError, match="the state dict: the entry 'clip_adapter.non_object_embedding' holds a str"):
+        convert_original_checkpoint({"x": torch.zeros(1), "clip_adapter.non_object_embedding": "none"})
+
+
 def test_a_freeseg_checkpoint_converts_with_ip_clip_from_the_frozen_clip():
     keys = released_key_list("freeseg")
     state_dict = {name: torch.empty(shape, device="meta") for name, shape in keys.items()}

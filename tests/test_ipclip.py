@@ -230,6 +230,23 @@ def test_bad_inputs_raise_clear_errors(pixel_shape, mask, message):
         model(torch.randn(pixel_shape), mask_proposals=mask)
 
 
+@pytest.mark.parametrize("mask_proposals", [None, torch.rand(3, 2, 32, 32)])
+def test_non_finite_pixel_values_are_refused_naming_the_image_as_maft_model_does(mask_proposals):
+    pixel_values = torch.randn(3, 3, 32, 32)
+    pixel_values[2, 1, 4, 4] = float("nan")
+    pixel_values[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"`pixel_values` of image\(s\) \[0, 2\] holds NaN or infinite values"):
+        tiny_model()(pixel_values, mask_proposals=mask_proposals)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    save_tiny_clip(tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model.safetensors'} is incomplete or corrupt"):
+        MaftClipVisionModel.from_pretrained(tmp_path)
+
+
 def test_hidden_states_with_masks_raise():
     model = tiny_model()
     with pytest.raises(ValueError, match="only available without `mask_proposals`"):

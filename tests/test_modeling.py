@@ -186,6 +186,29 @@ def test_from_clip_pretrained(tmp_path):
     torch.testing.assert_close(model.text_encoder.text_projection.weight, clip.text_projection.weight)
 
 
+def test_from_pretrained_of_another_model_type_names_it(tmp_path):
+    CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )).save_pretrained(tmp_path / "clip")
+    tiny_model().ip_clip.save_pretrained(tmp_path / "ip_clip")
+    for folder, model_type, architecture in (("clip", "clip", "CLIPModel"), ("ip_clip", "maft_clip_vision_model", "MaftClipVisionModel")):
+        message = f"{tmp_path / folder} holds a '{model_type}' model \\({architecture}\\), not a MAFT model"
+        with pytest.raises(ValueError, match=message):
+            MaftModel.from_pretrained(tmp_path / folder)
+        with pytest.raises(ValueError, match=message):
+            MaftConfig.from_pretrained(tmp_path / folder)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model.safetensors'} is incomplete or corrupt \\(truncated"):
+        MaftModel.from_pretrained(tmp_path)
+
+
 def test_default_config_matches_the_released_checkpoint_layout():
     keys = __import__("golden").released_key_list("maft_vitb16")
     converted = convert_state_dict({name: torch.empty(shape, device="meta") for name, shape in keys.items()})

@@ -1,5 +1,10 @@
 """The `zero-shot-image-segmentation` pipeline on the bundled model and its example scenes."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +112,18 @@ def test_bad_candidate_labels_are_refused(segmenter, candidate_labels):
 def test_missing_candidate_labels_are_refused(segmenter):
     with pytest.raises(ValueError, match="candidate_labels"):
         segmenter(scene(0))
+
+
+def test_import_maft_is_enough_for_auto_model_and_the_pipeline(tmp_path):
+    """In a fresh Python: `import maft`, then transformers alone loads a saved MAFT model, no `trust_remote_code`."""
+    code = (
+        "import maft\n"
+        "from transformers import AutoModel, pipeline\n"
+        f"model = AutoModel.from_pretrained({str(default_model_path())!r})\n"
+        f"segmenter = pipeline('zero-shot-image-segmentation', model={str(default_model_path())!r})\n"
+        "print(type(model).__module__, type(segmenter).__module__)\n"
+    )
+    environment = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["maft.modeling_maft", "maft.pipeline_maft"]

@@ -93,3 +93,22 @@ def test_label_map_images_keep_every_class_index(num_classes, tmp_path):
 def test_label_map_images_refuse_indices_they_cannot_hold(bad):
     with pytest.raises(ValueError, match="class indices 0-65535"):
         label_map_image(np.array([[0, bad]]))
+
+
+@pytest.mark.parametrize(
+    "target_sizes, message",
+    [
+        ([(0, 7)], r"target size of image 0 must be \(height, width\), both at least 1, got \(0, 7\)"),
+        (torch.tensor([[9, 0]]), r"target size of image 0 .* got \(9, 0\)"),
+        ([(5, -2)], r"got \(5, -2\)"),
+        ([(5, 7, 1)], r"must be \(height, width\).* got \(5, 7, 1\)"),
+        ([(5, 7), (5, 7)], "2 target sizes for a batch of 1"),
+    ],
+)
+@pytest.mark.parametrize("return_segmentation_scores", [False, True])
+def test_a_target_size_that_is_not_two_positive_sides_is_refused_naming_it(target_sizes, message, return_segmentation_scores):
+    outputs = random_outputs(1, 3, 2, (4, 5), [(13, 17)])
+    with pytest.raises(ValueError, match=message):
+        MaftImageProcessor().post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, return_segmentation_scores=return_segmentation_scores
+        )

@@ -31,7 +31,7 @@ SCENE = default_model_path().parent / "examples" / "scene-3.png"
 CLASS_NAMES = json.loads((SCENE.parent / "classes.json").read_text())["class_names"]
 # What the code files may import besides the standard library: transformers' own requirements, torch and Pillow (no
 # maft, no scipy).
-ALLOWED_IMPORTS = {"PIL", "huggingface_hub", "numpy", "torch", "transformers"}
+ALLOWED_IMPORTS = {"PIL", "huggingface_hub", "numpy", "safetensors", "torch", "transformers"}
 
 
 def test_save_pretrained_writes_the_code_the_auto_maps_and_the_pipeline(tmp_path):

@@ -244,11 +244,7 @@ def convert_command(arguments: argparse.Namespace) -> int:
     from maft.conversion.convert_original_maft_checkpoint import convert_original_checkpoint, load_original_checkpoint, write_converted_model
     from maft.utils.hub import push_folder_to_hub
 
-    try:
-        state_dict = load_original_checkpoint(arguments.checkpoint)
-    except (EOFError, RuntimeError) as error:  # what torch.load raises for an empty or cut-off file
-        first_sentence = one_line(error).split(". ")[0]
-        raise ValueError(f"cannot read the checkpoint {arguments.checkpoint}: it is empty or truncated ({first_sentence})") from error
+    state_dict = load_original_checkpoint(arguments.checkpoint)
     try:
         model = convert_original_checkpoint(state_dict, arguments.original_config)
     except yaml.MarkedYAMLError as error:

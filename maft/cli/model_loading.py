@@ -27,23 +27,11 @@ def default_model_path() -> Path:
     return path
 
 
-def check_is_maft_config(config: dict, name: str | os.PathLike) -> None:
-    """Refuses a model config (as in config.json) that is not MAFT's, e.g. a CLIP checkpoint given as the model."""
-    from ..configuration_maft import MaftConfig
-
-    model_type = config.get("model_type")
-    if model_type != MaftConfig.model_type:
-        architectures = ", ".join(config.get("architectures") or []) or "unknown architecture"
-        raise ValueError(
-            f"{name} holds a {model_type!r} model ({architectures}), not a MAFT model ({MaftConfig.model_type!r}): "
-            "start one from CLIP with MaftModel.from_clip_pretrained, or convert an original checkpoint with `maft convert`"
-        )
-
-
 def check_model_folder(folder: str | os.PathLike) -> None:
     """Raises an error naming the problem when `folder` is not a loadable MAFT model: missing, a file, without or with
     an unreadable config.json, a config of another model, no weights, or a damaged (e.g. truncated) weights file."""
-    from safetensors import SafetensorError, safe_open
+    from .configuration_maft import check_is_maft_config
+    from .modeling_maft import check_safetensors_file
 
     folder = Path(folder)
     if not folder.exists():
@@ -64,16 +52,14 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     if not weights:
         raise FileNotFoundError(f"{folder} has no weights: model.safetensors is missing")
     for path in weights:
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path} is corrupt (truncated or not a safetensors file): {error}") from error
+        check_safetensors_file(path)
 
 
 def check_hub_model(repo_id: str) -> None:
     """Reads the config of a Hub model (or its cached copy when offline) and refuses one that is not MAFT's."""
     from transformers import PreTrainedConfig
+
+    from .configuration_maft import check_is_maft_config
 
     try:
         config, _ = PreTrainedConfig.get_config_dict(repo_id)

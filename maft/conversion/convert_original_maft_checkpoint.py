@@ -1,7 +1,6 @@
 """Conversion of the original MAFT / FreeSeg checkpoints (detectron2 state dicts) to `MaftModel`."""
 
 import os
-import pickle
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -141,25 +140,53 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of a detectron2 checkpoint file, read without executing arbitrary pickled code: only tensors,
-    containers, numbers and the numpy array reconstruction detectron2 files may hold are allowed."""
+    containers, numbers and the numpy array reconstruction detectron2 files may hold are allowed. Raises ValueError
+    naming the file when it is empty, truncated, not a checkpoint, or holds other pickled objects."""
     import numpy
 
     # numpy 2 moved `numpy.core` to `numpy._core`; pickles written before name the old module.
     core = numpy._core if hasattr(numpy, "_core") else numpy.core
     reconstruct = core.multiarray._reconstruct
     allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), numpy.ndarray, numpy.dtype, type(numpy.dtype("float32"))]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds pickled objects that a checkpoint of weights does not need, so it was not loaded "
-            f"(this protects against code hidden in pickles): {str(error).splitlines()[0]}"
-        ) from error
+    with open(path, "rb") as file:  # a missing or unreadable file fails here, with its own error
+        try:
+            with torch.serialization.safe_globals(allowed):
+                checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many kinds (EOFError, RuntimeError, OSError, KeyError...) on bad bytes
+            raise _unreadable_checkpoint_error(path, error) from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} does not hold a state dict (or a dict with one under 'model').")
-    return {name: torch.as_tensor(value) for name, value in state_dict.items()}
+    return tensors_of(state_dict, str(path))
+
+
+def _unreadable_checkpoint_error(path: str | os.PathLike, error: Exception) -> ValueError:
+    """What went wrong reading a checkpoint file: an object the safe unpickler refused, or bytes that are no (complete)
+    checkpoint."""
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if refused:
+        return ValueError(
+            f"{path} holds pickled objects that a checkpoint of weights does not need ({refused.group(1)}), so it was not "
+            "loaded (this protects against code hidden in pickles)"
+        )
+    detail = str(error).split("WeightsUnpickler error:")[-1]  # after torch's advice on `weights_only`, if any
+    cause = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__).split(". ")[0]
+    return ValueError(f"cannot read {path}: it is empty, truncated or not a PyTorch checkpoint ({cause})")
+
+
+def tensors_of(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
+    """The state dict's entries as tensors (numpy arrays and numbers converted); an entry that is none of these, e.g. a
+    string, is refused naming it and `source` (the file or "the state dict")."""
+    tensors = {}
+    for name, value in state_dict.items():
+        try:
+            tensors[name] = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(
+                f"{source}: the entry {name!r} holds a {type(value).__name__} ({shown}) where a tensor should be"
+            ) from error
+    return tensors
 
 
 def _read_original_config(original_config: str | os.PathLike | None) -> dict:
@@ -267,7 +294,7 @@ def convert_original_checkpoint(checkpoint, original_config=None, **config_overr
     path (read safely); `original_config`: the original YAML config (path or text), for what shapes cannot tell;
     `config_overrides`: `MaftConfig` values to set explicitly.
     """
-    state_dict = checkpoint if isinstance(checkpoint, dict) else load_original_checkpoint(checkpoint)
+    state_dict = tensors_of(checkpoint, "the state dict") if isinstance(checkpoint, dict) else load_original_checkpoint(checkpoint)
     state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
     converted = convert_state_dict(state_dict)
     config = config_from_state_dict(state_dict, original_config, **config_overrides)
