@@ -30,8 +30,8 @@ def default_model_path() -> Path:
 def check_model_folder(folder: str | os.PathLike) -> None:
     """Raises an error naming the problem when `folder` is not a loadable MAFT model: missing, a file, without or with
     an unreadable config.json, a config of another model, no weights, or a damaged (e.g. truncated) weights file."""
-    from .configuration_maft import check_is_maft_config
-    from .modeling_maft import check_safetensors_file
+    from ..configuration_maft import check_is_maft_config
+    from ..modeling_maft import check_safetensors_file
 
     folder = Path(folder)
     if not folder.exists():
@@ -59,7 +59,7 @@ def check_hub_model(repo_id: str) -> None:
     """Reads the config of a Hub model (or its cached copy when offline) and refuses one that is not MAFT's."""
     from transformers import PreTrainedConfig
 
-    from .configuration_maft import check_is_maft_config
+    from ..configuration_maft import check_is_maft_config
 
     try:
         config, _ = PreTrainedConfig.get_config_dict(repo_id)
