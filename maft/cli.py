@@ -165,7 +165,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     )
     evaluator = evaluation_set(arguments, class_names) if arguments.eval_dataset else None
     train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
-                          augment=not arguments.no_augmentation, evaluator=evaluator)
+                          augment=not arguments.no_augmentation, evaluator=evaluator,
+                          panoptic_targets=arguments.targets == "panoptic")
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
         print(f"trained {recipe.max_steps} steps; model saved to {arguments.output_dir}")
         if evaluator is not None:
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--eval-batch-size", type=positive_int, default=1, help="images per forward pass in evaluation; default: 1")
     trainer.add_argument("--crop-size", type=int, help="training crops (DESIGN.md §4 augmentation); default: the recipe's")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
+    trainer.add_argument("--targets", default="semantic", choices=["semantic", "panoptic"],
+                         help="semantic: one mask per class present (label maps); panoptic: one per thing instance and per "
+                              "stuff class, from a dataset with COCO-panoptic annotations (docs/panoptic-training-and-"
+                              "evaluation.md); default: semantic")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

@@ -25,6 +25,24 @@ def recorded_classes(dataset, default_class_names: Sequence[str] | None = None, 
     return class_names, recorded_ignore_index if ignore_index is None else ignore_index
 
 
+def panoptic_thing_class_ids(dataset) -> list[int]:
+    """The class indices of the thing classes of a dataset with panoptic annotations (columns panoptic and
+    segments_info, whose category ids index the recorded class names), from its metadata; an error that says what is
+    missing otherwise."""
+    from .segmentation_data import has_panoptic_annotations, recorded_thing_class_names, segmentation_metadata
+
+    if not has_panoptic_annotations(dataset):
+        columns = getattr(dataset, "column_names", None)
+        raise ValueError(f"panoptic targets and metrics need a dataset with the columns panoptic and segments_info (COCO "
+                         f"panoptic layout); this one has {columns}")
+    thing_names = recorded_thing_class_names(dataset)
+    if thing_names is None:
+        raise ValueError("this panoptic dataset does not record its thing classes: record them with "
+                         "maft.segmentation_data.with_segmentation_metadata(dataset, class_names, thing_class_names=...)")
+    class_names, _ = segmentation_metadata(dataset)
+    return [class_names.index(name) for name in thing_names]
+
+
 def load_labelled_dataset(name_or_path: str | os.PathLike, split: str | None = None, image_column: str = "image", label_column: str = "label"):
     """A dataset saved with `save_to_disk` (a folder) or on the Hub (a name), columns renamed to image/label; a missing
     folder, or a Hub name that cannot be reached, is an error that says so."""
