@@ -192,9 +192,12 @@ def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
-    """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
+    """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`; with `--task
+    panoptic`, PQ / SQ / RQ, with `--task instance`, mask AP, on a dataset with COCO-panoptic annotations."""
     from maft.output_files import check_output_file
 
+    if arguments.threshold is not None and arguments.task == "semantic":
+        raise ValueError("--threshold applies to --task panoptic or instance (semantic segmentation keeps every pixel's best class)")
     if arguments.output:
         check_output_file(arguments.output)  # before the slow imports below
     from maft.evaluation import evaluate_on_dataset, format_results_table
@@ -205,8 +208,16 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     device = arguments.device or (state.device if state.num_processes > 1 else None)
     model, processor = load_model_and_processor(arguments.model, device, arguments.dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
-    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device,
-                                  batch_size=arguments.batch_size)
+    if arguments.task == "semantic":
+        results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names,
+                                      model.device, batch_size=arguments.batch_size)
+    else:
+        from maft.dataset_resolution import panoptic_thing_class_ids
+        from maft.evaluation.dataset_evaluation import evaluate_panoptic_on_dataset
+
+        results = evaluate_panoptic_on_dataset(model, processor, dataset, class_names, panoptic_thing_class_ids(dataset),
+                                               arguments.task, arguments.unseen_class_names, model.device,
+                                               arguments.batch_size, arguments.threshold)
     if not state.is_main_process:
         return 0
     print(format_results_table(results))
@@ -369,13 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(handler=train_command)
 
     evaluator = commands.add_parser(
-        "evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset",
+        "evaluate", parents=[common], help="mIoU (or PQ, or mask AP) and related metrics of a model on a labelled dataset",
         description="Under `accelerate launch` (e.g. --num_processes 8), each process evaluates a shard of the dataset "
         "on its device, the confusion matrices are summed, and the main process prints and writes the metrics.",
     )
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
-    evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
+    evaluator.add_argument("--task", default="semantic", choices=["semantic", "panoptic", "instance"],
+                           help="semantic: mIoU on label maps; panoptic: PQ, SQ, RQ; instance: mask AP over thing classes (both "
+                                "on a dataset with COCO-panoptic annotations); default: semantic")
+    evaluator.add_argument("--threshold", type=float,
+                           help="--task panoptic/instance: score below which a predicted segment is dropped; default: 0.5 "
+                                "(panoptic), 0 (instance: AP ranks every detection)")
+    evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[],
+                           help="classes unseen in training: adds the seen and unseen averages and their harmonic mean")
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--batch-size", type=positive_int, default=1,
                            help="images per forward pass (default: 1, as the original evaluates; any batch size gives "

@@ -79,12 +79,23 @@ class StreamingConfusionMatrix:
         return results
 
 
+HEADLINE_METRICS = (
+    "mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU",
+    *(f"{metric}{group}" for group in ("", "-things", "-stuff", "-seen", "-unseen") for metric in ("PQ", "SQ", "RQ")),
+    "hPQ", "hSQ", "hRQ", "AP", "AP50", "AP75", "AP-seen", "AP-unseen", "hAP",
+)
+PER_CLASS_METRICS = ("IoU", "PQ", "AP")
+
+
 def format_results_table(results: dict[str, float]) -> str:
-    """A markdown table of the headline metrics, then per-class IoU."""
-    headline = [key for key in ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU") if key in results]
+    """A markdown table of the headline metrics (semantic, panoptic or instance), then the per-class ones."""
+    headline = [key for key in HEADLINE_METRICS if key in results]
     lines = ["| " + " | ".join(headline) + " |", "|" + "---|" * len(headline), "| " + " | ".join(f"{results[key]:.2f}" for key in headline) + " |", ""]
-    lines += ["| class | IoU |", "|---|---|"]
-    lines += [f"| {key[4:]} | {value:.2f} |" for key, value in results.items() if key.startswith("IoU-")]
+    for metric in PER_CLASS_METRICS:
+        rows = [(key[len(metric) + 1 :], value) for key, value in results.items()
+                if key.startswith(f"{metric}-") and key not in HEADLINE_METRICS]
+        if rows:
+            lines += [f"| class | {metric} |", "|---|---|"] + [f"| {name} | {value:.2f} |" for name, value in rows]
     return "\n".join(lines)
 
 
