@@ -53,6 +53,8 @@ class MiniatureRecipe:
     maft_learning_rate: float = 1e-4
     batch_size: int = 8
     bundled_examples: int = 8
+    # stage 1 on Mask2Former's panoptic targets (one mask per thing instance, one per stuff class) instead of one per class
+    panoptic_targets: bool = True
 
 
 def image_processor_for(recipe: MiniatureRecipe) -> MaftImageProcessor:
@@ -130,7 +132,8 @@ def train_stage(stage: str, recipe: MiniatureRecipe, data_dir: Path, init_dir: P
     class_names, ignore_index = segmentation_metadata(train_dataset)
     print(f"training {stage_recipe.description}: {steps} steps")
     # The world's class names are colours: the photometric part of the augmentation would change what they mean.
-    train_from_pretrained(str(init_dir), train_dataset, class_names, arguments, ignore_index, augment=False)
+    train_from_pretrained(str(init_dir), train_dataset, class_names, arguments, ignore_index, augment=False,
+                          panoptic_targets=recipe.panoptic_targets and stage == "proposals")
     (output_dir / "run" / f"checkpoint-{steps}" / "model").rename(output_dir / "model")
 
 
