@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import CLASS_NAMES, random_image, tiny_model, tiny_processor
+from helpers import overfit_stage_one, random_image, tiny_model, tiny_processor
 from maft.dataset_resolution import panoptic_thing_class_ids
 from maft.loss_maft import panoptic_targets, semantic_targets
 from maft.miniature.world import (
@@ -19,7 +19,7 @@ from maft.miniature.world import (
 from maft.segmentation_data import (
     load_coco_panoptic, load_segmentation_dataset, recorded_thing_class_names, rgb_to_segment_ids, segment_ids_to_rgb,
 )
-from maft.training import PROPOSAL_GENERATOR_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
+from maft.training import MaftTrainingCollator
 from maft.training.augmentation import AugmentationConfig
 from maft.training.collator import panoptic_training_maps
 
@@ -173,19 +173,9 @@ def test_the_collator_gives_labels_and_instances_that_augmentation_moves_togethe
 def test_stage_one_overfits_a_panoptic_batch_with_one_query_per_instance(tmp_path):
     model, processor = tiny_model(), tiny_processor()
     collator = MaftTrainingCollator(processor, thing_class_ids=[0, 1])
-    batch = collator(panoptic_examples())
-    recipe = PROPOSAL_GENERATOR_RECIPE.replace(batch_size=2, max_steps=40, learning_rate=1e-3, gradient_clip_norm=1.0)
-    stage_loss = recipe.training_loss(model)
+    trained, batch, stage_loss, text_embeds, initial, final = overfit_stage_one(model, processor, panoptic_examples(), collator, 40, tmp_path)
     with torch.no_grad():
-        text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
-        recipe.set_training_modes(model)
-        initial = sum(stage_loss(model, batch, text_embeds).values()).item()
-    trained = train(model, processor, panoptic_examples(), collator, CLASS_NAMES,
-                    MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, save_steps=40))
-    trained.eval()
-    with torch.no_grad():
-        final = sum(stage_loss(trained, batch, text_embeds).values()).item()
-        outputs = trained(**stage_loss.model_inputs(batch, text_embeds))
+        outputs = trained.eval()(**stage_loss.model_inputs(batch, text_embeds))
     assert final < 0.5 * initial
     # the two cats are two proposals: each instance's best mask covers it and not the other one
     masks = torch.nn.functional.interpolate(outputs.masks_queries_logits, size=(64, 64), mode="bilinear").sigmoid()[0] > 0.5

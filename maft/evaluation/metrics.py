@@ -6,6 +6,22 @@ import numpy as np
 import torch
 
 
+def checked_class_names(num_classes: int, class_names: Sequence[str] | None, unseen_class_names: Sequence[str] = ()) -> list[str]:
+    """The class names of a metric's `num_classes` classes ("0", "1", ... when not given), checked against the unseen ones."""
+    names = list(class_names) if class_names is not None else [str(index) for index in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"Got {len(names)} class names for {num_classes} classes.")
+    unknown = sorted(set(unseen_class_names) - set(names))
+    if unknown:
+        raise ValueError(f"Unseen class names not among the class names: {unknown}.")
+    return names
+
+
+def harmonic_mean(seen: float, unseen: float) -> float:
+    """The harmonic mean of a seen-class and an unseen-class metric (0 when both are 0)."""
+    return 2 * seen * unseen / (seen + unseen) if seen + unseen > 0 else 0.0
+
+
 class StreamingConfusionMatrix:
     """
     A (ground truth x prediction) confusion matrix accumulated image by image; pixels whose ground truth is
@@ -47,12 +63,7 @@ class StreamingConfusionMatrix:
         ground-truth share; pACC = sum(tp) / sum(gt). With `unseen_class_names`, also mIoU-seen, mIoU-unseen and their
         harmonic mean hIoU.
         """
-        names = list(class_names) if class_names is not None else [str(index) for index in range(self.num_classes)]
-        if len(names) != self.num_classes:
-            raise ValueError(f"Got {len(names)} class names for {self.num_classes} classes.")
-        unknown = sorted(set(unseen_class_names) - set(names))
-        if unknown:
-            raise ValueError(f"Unseen class names not among the class names: {unknown}.")
+        names = checked_class_names(self.num_classes, class_names, unseen_class_names)
         matrix = self.matrix.double()
         true_positives = matrix.diagonal()
         ground_truth, predicted = matrix.sum(dim=1), matrix.sum(dim=0)
@@ -75,7 +86,7 @@ class StreamingConfusionMatrix:
             seen_miou = 100 * iou[~unseen].nanmean().item()
             unseen_miou = 100 * iou[unseen].nanmean().item()
             results["mIoU-seen"], results["mIoU-unseen"] = seen_miou, unseen_miou
-            results["hIoU"] = 2 * seen_miou * unseen_miou / (seen_miou + unseen_miou) if seen_miou + unseen_miou > 0 else 0.0
+            results["hIoU"] = harmonic_mean(seen_miou, unseen_miou)
         return results
 
 
@@ -99,4 +110,4 @@ def format_results_table(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StreamingConfusionMatrix", "format_results_table"]
+__all__ = ["StreamingConfusionMatrix", "checked_class_names", "format_results_table", "harmonic_mean"]

@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import torch
 
+from .metrics import checked_class_names, harmonic_mean
 
 def _as_numpy(array) -> np.ndarray:
     return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
@@ -41,10 +42,6 @@ def _check_unique_ids(segments_info: Sequence[Mapping], what: str) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"The {what} segments_info lists a segment id more than once: {sorted(ids)}.")
     return ids
-
-
-def _harmonic_mean(first: float, second: float) -> float:
-    return 2 * first * second / (first + second) if first + second > 0 else 0.0
 
 
 class StreamingPanopticQuality:
@@ -129,12 +126,7 @@ class StreamingPanopticQuality:
         (`PQ-stuff`), and per class (`PQ-<name>`); with `unseen_class_names`, also over seen (`PQ-seen`) and unseen
         classes (`PQ-unseen`) and their harmonic means `hPQ`, `hSQ`, `hRQ`. A group with no occurring class is NaN.
         """
-        names = list(class_names) if class_names is not None else [str(index) for index in range(self.num_classes)]
-        if len(names) != self.num_classes:
-            raise ValueError(f"Got {len(names)} class names for {self.num_classes} classes.")
-        unknown = sorted(set(unseen_class_names) - set(names))
-        if unknown:
-            raise ValueError(f"Unseen class names not among the class names: {unknown}.")
+        names = checked_class_names(self.num_classes, class_names, unseen_class_names)
         qualities = dict(zip(("PQ", "SQ", "RQ"), self.per_class()[:3]))
         occurs = self.per_class()[3]
         things = torch.zeros(self.num_classes, dtype=torch.bool)
@@ -150,7 +142,7 @@ class StreamingPanopticQuality:
                 results[f"{metric}{suffix}"] = 100 * values[selected].mean().item() if selected.any() else float("nan")
         if unseen_class_names:
             for metric in qualities:
-                results[f"h{metric}"] = _harmonic_mean(results[f"{metric}-seen"], results[f"{metric}-unseen"])
+                results[f"h{metric}"] = harmonic_mean(results[f"{metric}-seen"], results[f"{metric}-unseen"])
         for index, name in enumerate(names):
             results[f"PQ-{name}"] = 100 * qualities["PQ"][index].item() if occurs[index] else float("nan")
         return results
@@ -258,9 +250,7 @@ class StreamingMaskAP:
         `AP` (IoU 0.5:0.95), `AP50`, `AP75` in percent over the thing classes that have reference instances, `AP-<name>`
         per thing class; with `unseen_class_names`, also `AP-seen`, `AP-unseen` and their harmonic mean `hAP`.
         """
-        names = list(class_names) if class_names is not None else [str(index) for index in range(self.num_classes)]
-        if len(names) != self.num_classes:
-            raise ValueError(f"Got {len(names)} class names for {self.num_classes} classes.")
+        names = checked_class_names(self.num_classes, class_names, unseen_class_names)
         # precision: (IoU thresholds, recall points, classes, area ranges, max detections); -1 where a class has no reference
         precision = self.coco_evaluation().eval["precision"][:, :, :, 0, -1]
 
@@ -275,7 +265,7 @@ class StreamingMaskAP:
             seen_positions = [position for position, index in enumerate(self.thing_class_ids) if names[index] not in unseen]
             unseen_positions = [position for position, index in enumerate(self.thing_class_ids) if names[index] in unseen]
             results["AP-seen"], results["AP-unseen"] = average(precision[:, :, seen_positions]), average(precision[:, :, unseen_positions])
-            results["hAP"] = _harmonic_mean(results["AP-seen"], results["AP-unseen"])
+            results["hAP"] = harmonic_mean(results["AP-seen"], results["AP-unseen"])
         results.update({f"AP-{name}": value for name, value in per_class.items()})
         return results
 
