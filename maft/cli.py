@@ -266,7 +266,7 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
     """The miniature reproduction of MAFT's claim (see maft.miniature), from an empty folder to the results table."""
     from maft.miniature.reproduce import MiniatureRecipe, reproduce_miniature
 
-    reproduce_miniature(arguments.output_dir, MiniatureRecipe(seed=arguments.seed))
+    reproduce_miniature(arguments.output_dir, MiniatureRecipe(seed=arguments.seed, panoptic_targets=arguments.targets == "panoptic"))
     return 0
 
 
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproducer.add_argument("--output-dir", type=Path, default=Path("maft-mini-reproduction"),
                             help="where every step writes its result; a rerun continues an interrupted run")
     reproducer.add_argument("--seed", type=int, default=0)
+    reproducer.add_argument("--targets", default="semantic", choices=["semantic", "panoptic"],
+                            help="stage 1's targets: one mask per class (the shipped maft-mini's recipe) or one per thing "
+                                 "instance and per stuff class; default: semantic")
     reproducer.set_defaults(handler=reproduce_mini_command)
     return parser
 

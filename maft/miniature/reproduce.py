@@ -56,8 +56,9 @@ class MiniatureRecipe:
     maft_learning_rate: float = 1e-4
     batch_size: int = 8
     bundled_examples: int = 8
-    # stage 1 on Mask2Former's panoptic targets (one mask per thing instance, one per stuff class) instead of one per class
-    panoptic_targets: bool = True
+    # stage 1 on Mask2Former's panoptic targets (one mask per thing instance, one per stuff class) instead of one mask
+    # per class present (the shipped maft-mini's recipe)
+    panoptic_targets: bool = False
 
 
 def image_processor_for(recipe: MiniatureRecipe) -> MaftImageProcessor:
