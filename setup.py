@@ -4,6 +4,8 @@ from setuptools import find_packages, setup
 
 
 DEMO_REQUIRES = ["gradio>=6,<7"]
+# the reference implementations the panoptic and instance metrics are tested against
+METRIC_REFERENCES = ["torchmetrics>=1.4", "faster-coco-eval>=1.6"]
 
 setup(
     name="maft",
@@ -29,11 +31,13 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "tqdm>=4.66",
+        # COCO mask AP (`maft evaluate --task instance`)
+        "pycocotools>=2.0.7",
     ],
     extras_require={
         "demo": DEMO_REQUIRES,
         # the demo's browser test drives Debian's chromium (/usr/bin/chromium) with Playwright
-        "test": ["pytest>=8", *DEMO_REQUIRES, "playwright>=1.40"],
+        "test": ["pytest>=8", *DEMO_REQUIRES, "playwright>=1.40", *METRIC_REFERENCES],
         "dev": ["pytest>=8", "ruff"],
     },
     entry_points={"console_scripts": ["maft=maft.cli:main"]},

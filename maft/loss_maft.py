@@ -36,6 +36,23 @@ def semantic_targets(labels: torch.Tensor, ignore_index: int) -> list[tuple[torc
     return targets
 
 
+def panoptic_targets(labels: torch.Tensor, instance_labels: torch.Tensor, ignore_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, Mask2Former's panoptic targets: one binary mask per stuff class (the class's pixels outside every
+    instance; classes ascending) and one per thing instance (`instance_labels` n > 0, instances ascending), with their
+    classes; ignored pixels (void, crowd, padding) are negatives of every mask. Without instances, `semantic_targets`."""
+    targets = []
+    for image_labels, image_instances in zip(labels, instance_labels):
+        stuff = image_labels[(image_instances == 0) & (image_labels != ignore_index)].unique()
+        stuff_masks = (image_instances == 0)[None] & (image_labels[None] == stuff[:, None, None])
+        instances = image_instances[(image_instances > 0) & (image_labels != ignore_index)].unique()
+        instance_masks = image_instances[None] == instances[:, None, None]
+        # an instance's class: that of its pixels (the first one's; the collator gives each instance one class)
+        first_pixels = instance_masks.flatten(1).int().argmax(-1)
+        instance_classes = image_labels.flatten()[first_pixels]
+        targets.append((torch.cat([stuff, instance_classes]), torch.cat([stuff_masks, instance_masks]).float()))
+    return targets
+
+
 class MaftHungarianMatcher(nn.Module):
     """
     The one-to-one assignment of queries to the ground-truth masks of each image minimising
@@ -51,7 +68,8 @@ class MaftHungarianMatcher(nn.Module):
     def forward(
         self, class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """class_logits (B, Q, C + 1), mask_logits (B, Q, h, w), targets from `semantic_targets` -> per image
+        """class_logits (B, Q, C + 1), mask_logits (B, Q, h, w), targets from `semantic_targets` or
+        `panoptic_targets` -> per image
         (query indices, target indices)."""
         from scipy.optimize import linear_sum_assignment  # training only: inference needs no scipy
 
@@ -76,7 +94,9 @@ class MaftProposalLoss(nn.Module):
     Stage 1: the proposal generator's losses. Each supervised prediction is matched on its own; then cross-entropy
     over the in-vocabulary logits (no-object weighted `no_object_weight`), and sigmoid focal and dice losses of the
     matched mask logits upsampled (bilinear, `align_corners=False`) to the labels' padded size, normalised by the
-    number of ground-truth masks in the batch (averaged over processes, as the original).
+    number of ground-truth masks in the batch (averaged over processes, as the original). The ground-truth masks are
+    one per class present (`semantic_targets`), or with `instance_labels` one per thing instance and stuff class
+    (`panoptic_targets`, Mask2Former's panoptic training).
 
     Deep supervision as the original: the final prediction and every auxiliary prediction but the last. (The original
     builds `DEC_LAYERS` decoder layers but makes its auxiliary list as Mask2Former does for `DEC_LAYERS - 1` of them,
@@ -115,15 +135,20 @@ class MaftProposalLoss(nn.Module):
         masks_queries_logits: torch.Tensor,
         labels: torch.Tensor,
         auxiliary_predictions: list[dict[str, torch.Tensor]] | None = None,
+        instance_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         class_queries_logits (B, Q, C + 1) and masks_queries_logits (B, Q, h, w) of the final prediction, labels
         (B, H, W) at the padded input size, `auxiliary_predictions` the earlier ones (dicts with the same two keys,
-        earliest first) -> the weighted terms: `class_loss`, `mask_loss`, `dice_loss` of the final prediction and
-        `class_loss_{i}`, ... of each supervised auxiliary prediction. The training loss is their sum.
+        earliest first), `instance_labels` (B, H, W) thing instance numbers for panoptic targets -> the weighted
+        terms: `class_loss`, `mask_loss`, `dice_loss` of the final prediction and `class_loss_{i}`, ... of each
+        supervised auxiliary prediction. The training loss is their sum.
         """
         num_classes = class_queries_logits.shape[-1] - 1
-        targets = semantic_targets(labels, self.ignore_index)
+        if instance_labels is None:
+            targets = semantic_targets(labels, self.ignore_index)
+        else:
+            targets = panoptic_targets(labels, instance_labels, self.ignore_index)
         for classes, _ in targets:
             if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
                 raise ValueError(
@@ -230,6 +255,7 @@ __all__ = [
     "dice_loss_per_mask",
     "distillation_loss",
     "mask_aware_loss",
+    "panoptic_targets",
     "semantic_targets",
     "sigmoid_focal_loss_per_pixel",
 ]

@@ -63,6 +63,25 @@ def synthetic_dataset(size: int = 4) -> list[dict]:
     return examples
 
 
+def overfit_stage_one(model: MaftModel, processor: MaftProcessor, examples: list[dict], collator, steps: int, output_dir):
+    """Trains stage 1 for `steps` steps on `examples` (one batch); returns (the trained model, the batch, the stage's
+    loss, the text embeddings, the summed loss on the batch before, after)."""
+    from maft.training import PROPOSAL_GENERATOR_RECIPE, MaftTrainingArguments, train
+
+    batch = collator(examples)
+    recipe = PROPOSAL_GENERATOR_RECIPE.replace(batch_size=len(examples), max_steps=steps, learning_rate=1e-3, gradient_clip_norm=1.0)
+    stage_loss = recipe.training_loss(model)
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
+        recipe.set_training_modes(model)
+        initial = sum(stage_loss(model, batch, text_embeds).values()).item()
+    arguments = MaftTrainingArguments(output_dir=str(output_dir), recipe=recipe, save_steps=steps)
+    trained = train(model, processor, examples, collator, CLASS_NAMES, arguments)
+    with torch.no_grad():
+        final = sum(stage_loss(trained, batch, text_embeds).values()).item()
+    return trained, batch, stage_loss, text_embeds, initial, final
+
+
 def save_labelled_dataset(examples: list[dict], path) -> None:
     """`examples` (image and label map) as a dataset saved with save_to_disk in `path`, image and label columns."""
     from datasets import Dataset, Features, Image as ImageFeature

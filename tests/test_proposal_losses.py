@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from golden import golden_image_processor, golden_model, golden_tensors, relative_error, require_golden
-from helpers import CLASS_NAMES, synthetic_dataset, tiny_model, tiny_processor
+from helpers import overfit_stage_one, synthetic_dataset, tiny_model, tiny_processor
 from maft.loss_maft import (
     MaftHungarianMatcher,
     MaftProposalLoss,
@@ -17,7 +17,7 @@ from maft.loss_maft import (
     semantic_targets,
     sigmoid_focal_loss_per_pixel,
 )
-from maft.training import PROPOSAL_GENERATOR_RECIPE, MaftTrainingArguments, MaftTrainingCollator, train
+from maft.training import PROPOSAL_GENERATOR_RECIPE, MaftTrainingCollator
 
 
 def test_focal_and_dice_by_hand():
@@ -127,18 +127,7 @@ def test_stage_one_losses_equal_the_original_term_by_term():
 def test_stage_one_overfits_and_trains_only_the_proposal_generator(tmp_path):
     model, processor = tiny_model(), tiny_processor()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    collator = MaftTrainingCollator(processor)
-    batch = collator(synthetic_dataset(2))
-    recipe = PROPOSAL_GENERATOR_RECIPE.replace(batch_size=2, max_steps=30, learning_rate=1e-3, gradient_clip_norm=1.0)
-    stage_loss = recipe.training_loss(model)
-    with torch.no_grad():
-        text_embeds = model.get_text_embeddings(**processor.tokenize_class_names(CLASS_NAMES))
-        recipe.set_training_modes(model)
-        initial = sum(stage_loss(model, batch, text_embeds).values()).item()
-    arguments = MaftTrainingArguments(output_dir=str(tmp_path), recipe=recipe, save_steps=30)
-    trained = train(model, processor, synthetic_dataset(2), collator, CLASS_NAMES, arguments)
-    with torch.no_grad():
-        final = sum(stage_loss(trained, batch, text_embeds).values()).item()
+    trained, *_, initial, final = overfit_stage_one(model, processor, synthetic_dataset(2), MaftTrainingCollator(processor), 30, tmp_path)
     assert final < 0.6 * initial
     changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and all(name.startswith(("backbone.", "pixel_decoder.", "context_interaction.", "decoder.", "no_object")) for name in changed)

@@ -178,7 +178,8 @@ def train_command(arguments: argparse.Namespace) -> int:
     unpublished = None
     try:
         train_from_pretrained(arguments.init_from, dataset, class_names, training_arguments, ignore_index,
-                              augment=not arguments.no_augmentation, evaluator=evaluator)
+                              augment=not arguments.no_augmentation, evaluator=evaluator,
+                              panoptic_targets=arguments.targets == "panoptic")
     except FinalModelNotPublishedError as error:  # raised once everything is saved: report the results first
         unpublished = error
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
@@ -209,9 +210,12 @@ def evaluation_set(arguments: argparse.Namespace, class_names: list[str]):
 
 
 def evaluate_command(arguments: argparse.Namespace) -> int:
-    """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`."""
+    """mIoU, fwIoU, mACC, pACC (and seen/unseen/hIoU) of a model on a dataset saved with `save_to_disk`; with `--task
+    panoptic`, PQ / SQ / RQ, with `--task instance`, mask AP, on a dataset with COCO-panoptic annotations."""
     from maft.utils.output_files import check_output_file
 
+    if arguments.threshold is not None and arguments.task == "semantic":
+        raise ValueError("--threshold applies to --task panoptic or instance (semantic segmentation keeps every pixel's best class)")
     if arguments.output:
         check_output_file(arguments.output)  # before the slow imports below
     from maft.evaluation import evaluate_on_dataset, format_results_table
@@ -222,8 +226,16 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     device = arguments.device or (state.device if state.num_processes > 1 else None)
     model, processor = load_model_and_processor(arguments.model, device, arguments.dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
-    results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device,
-                                  batch_size=arguments.batch_size)
+    if arguments.task == "semantic":
+        results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names,
+                                      model.device, batch_size=arguments.batch_size)
+    else:
+        from maft.data.segmentation_data import panoptic_thing_class_ids
+        from maft.evaluation.dataset_evaluation import evaluate_panoptic_on_dataset
+
+        results = evaluate_panoptic_on_dataset(model, processor, dataset, class_names, panoptic_thing_class_ids(dataset),
+                                               arguments.task, arguments.unseen_class_names, model.device,
+                                               arguments.batch_size, arguments.threshold)
     if not state.is_main_process:
         return 0
     print(format_results_table(results))
@@ -268,7 +280,7 @@ def reproduce_mini_command(arguments: argparse.Namespace) -> int:
     """The miniature reproduction of MAFT's claim (see maft.miniature), from an empty folder to the results table."""
     from maft.miniature.reproduce import MiniatureRecipe, reproduce_miniature
 
-    reproduce_miniature(arguments.output_dir, MiniatureRecipe(seed=arguments.seed))
+    reproduce_miniature(arguments.output_dir, MiniatureRecipe(seed=arguments.seed, panoptic_targets=arguments.targets == "panoptic"))
     return 0
 
 
@@ -348,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--eval-batch-size", type=positive_int, default=1, help="images per forward pass in evaluation; default: 1")
     trainer.add_argument("--crop-size", type=int, help="training crops (DESIGN.md §4 augmentation); default: the recipe's")
     trainer.add_argument("--no-augmentation", action="store_true", help="train on the images as they are")
+    trainer.add_argument("--targets", default="semantic", choices=["semantic", "panoptic"],
+                         help="semantic: one mask per class present (label maps); panoptic: one per thing instance and per "
+                              "stuff class, from a dataset with COCO-panoptic annotations (docs/panoptic-training-and-"
+                              "evaluation.md); default: semantic")
     trainer.add_argument("--init-from", required=True, help="the model to start from (directory or Hub id)")
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -382,13 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(handler=train_command)
 
     evaluator = commands.add_parser(
-        "evaluate", parents=[common], help="mIoU and related metrics of a model on a labelled dataset",
+        "evaluate", parents=[common], help="mIoU (or PQ, or mask AP) and related metrics of a model on a labelled dataset",
         description="Under `accelerate launch` (e.g. --num_processes 8), each process evaluates a shard of the dataset "
         "on its device, the confusion matrices are summed, and the main process prints and writes the metrics.",
     )
     evaluator.add_argument("--model", required=True, help="model directory or Hub id")
     add_dataset_arguments(evaluator, "--dataset")
-    evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[], help="classes unseen in training: adds mIoU-seen, mIoU-unseen, hIoU")
+    evaluator.add_argument("--task", default="semantic", choices=["semantic", "panoptic", "instance"],
+                           help="semantic: mIoU on label maps; panoptic: PQ, SQ, RQ; instance: mask AP over thing classes (both "
+                                "on a dataset with COCO-panoptic annotations); default: semantic")
+    evaluator.add_argument("--threshold", type=float,
+                           help="--task panoptic/instance: score below which a predicted segment is dropped; default: 0.5 "
+                                "(panoptic), 0 (instance: AP ranks every detection)")
+    evaluator.add_argument("--unseen-class-names", type=parse_labels, default=[],
+                           help="classes unseen in training: adds the seen and unseen averages and their harmonic mean")
     evaluator.add_argument("--output", help="write the results as JSON")
     evaluator.add_argument("--batch-size", type=positive_int, default=1,
                            help="images per forward pass (default: 1, as the original evaluates; any batch size gives "
@@ -425,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproducer.add_argument("--output-dir", type=Path, default=Path("maft-mini-reproduction"),
                             help="where every step writes its result; a rerun continues an interrupted run")
     reproducer.add_argument("--seed", type=int, default=0)
+    reproducer.add_argument("--targets", default="semantic", choices=["semantic", "panoptic"],
+                            help="stage 1's targets: one mask per class (the shipped maft-mini's recipe) or one per thing "
+                                 "instance and per stuff class; default: semantic")
     reproducer.set_defaults(handler=reproduce_mini_command)
     return parser
 

@@ -1,23 +1,57 @@
-"""A model's semantic-segmentation metrics on a dataset (DESIGN.md §5), in one process or sharded across the processes
-of `accelerate launch`."""
+"""A model's semantic-segmentation metrics (DESIGN.md §5), and its panoptic (PQ) and instance (mask AP) metrics, on a
+dataset, in one process or sharded across the processes of `accelerate launch`."""
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env, reduce
+from accelerate.utils import gather_object, parse_flag_from_env, reduce
 
+from ..data.segmentation_data import rgb_to_segment_ids
 from .metrics import StreamingConfusionMatrix
+from .panoptic_metrics import StreamingMaskAP, StreamingPanopticQuality
 
 
 def distributed_state() -> PartialState:
     """The processes `accelerate launch` started (one without it), on the CPU when ACCELERATE_USE_CPU is set, as
     `Accelerator` reads it (a bare `PartialState()` takes CPU processes for one)."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def segmented_shard(model, processor, dataset, class_names: Sequence[str], device: str | torch.device, batch_size: int,
+                    label_column: str = "label") -> Iterator[tuple[list[dict], list[tuple[int, int]], Any]]:
+    """
+    This process's shard of `dataset` (see `evaluate_on_dataset`) segmented `batch_size` images at a time into
+    `class_names` (encoded once): yields (examples, their reference sizes (H, W) taken from `label_column`, model
+    outputs), with a progress bar on the main process.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+    state = distributed_state()
+    model = model.to(device).eval()
+    text_inputs = {key: value.to(device) for key, value in processor.tokenize_class_names(list(class_names)).items()}
+    with torch.inference_mode():
+        text_embeds = model.get_text_embeddings(**text_inputs)
+    with state.split_between_processes(list(range(len(dataset)))) as indices:
+        if state.num_processes > 1:
+            print(f"maft: process {state.process_index} of {state.num_processes} evaluates {len(indices)} of {len(dataset)} "
+                  "examples", file=sys.stderr, flush=True)
+        progress = tqdm(total=len(indices), desc="evaluating", unit="image", disable=not state.is_main_process)
+        for start in range(0, len(indices), batch_size):
+            examples = [dataset[index] for index in indices[start : start + batch_size]]
+            sizes = [tuple(np.asarray(example[label_column]).shape[:2]) for example in examples]
+            inputs = processor(images=[example["image"] for example in examples]).to(device)
+            with torch.inference_mode():
+                outputs = model(**inputs, text_embeds=text_embeds)
+            yield examples, sizes, outputs
+            progress.update(len(examples))
+        progress.close()
 
 
 def evaluate_on_dataset(model, processor, dataset, class_names: Sequence[str], ignore_index: int = 255,
@@ -37,35 +71,57 @@ def evaluate_on_dataset(model, processor, dataset, class_names: Sequence[str], i
     equal to those of one process with the same batches. Each process then writes one line to stderr saying how many
     examples it evaluated; the progress bar is the main process's.
     """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
-    state = distributed_state()
-    model = model.to(device).eval()
     matrix = StreamingConfusionMatrix(len(class_names), ignore_index)
-    text_inputs = {key: value.to(device) for key, value in processor.tokenize_class_names(list(class_names)).items()}
-    with torch.inference_mode():
-        text_embeds = model.get_text_embeddings(**text_inputs)
-    with state.split_between_processes(list(range(len(dataset)))) as indices:
-        if state.num_processes > 1:
-            print(f"maft: process {state.process_index} of {state.num_processes} evaluates {len(indices)} of {len(dataset)} "
-                  "examples", file=sys.stderr, flush=True)
-        progress = tqdm(total=len(indices), desc="evaluating", unit="image", disable=not state.is_main_process)
-        for start in range(0, len(indices), batch_size):
-            examples = [dataset[index] for index in indices[start : start + batch_size]]
-            references = [np.array(example["label"]) for example in examples]  # writable copies, for torch
-            inputs = processor(images=[example["image"] for example in examples]).to(device)
-            with torch.inference_mode():
-                outputs = model(**inputs, text_embeds=text_embeds)
-            predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape for label in references])
-            for prediction, reference in zip(predictions, references):
-                matrix.update(prediction.cpu(), reference)
-            progress.update(len(examples))
-        progress.close()
+    for examples, sizes, outputs in segmented_shard(model, processor, dataset, class_names, device, batch_size):
+        predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+        for prediction, example in zip(predictions, examples):
+            matrix.update(prediction.cpu(), np.array(example["label"]))  # a writable copy, for torch
+    state = distributed_state()
     if state.num_processes > 1:
         matrix.matrix = reduce(matrix.matrix.to(state.device), reduction="sum").cpu()
     return matrix.compute(list(class_names), list(unseen_class_names))
+
+
+# Scores below which a prediction is dropped, by task: Mask2Former's panoptic default; none for instance AP, which
+# ranks every detection by score (a low-scored one can only add recall), as detectron2's instance evaluation does.
+DEFAULT_THRESHOLDS = {"panoptic": 0.5, "instance": 0.0}
+
+
+def evaluate_panoptic_on_dataset(model, processor, dataset, class_names: Sequence[str], thing_class_ids: Sequence[int],
+                                 task: str = "panoptic", unseen_class_names: Sequence[str] = (),
+                                 device: str | torch.device = "cpu", batch_size: int = 1,
+                                 threshold: float | None = None) -> dict[str, float]:
+    """
+    Panoptic (`task="panoptic"`: `StreamingPanopticQuality`, PQ / SQ / RQ) or instance (`task="instance"`:
+    `StreamingMaskAP`, mask AP over the thing classes) metrics of the model on a dataset with COCO-panoptic
+    annotations (columns image, panoptic, segments_info whose category ids index `class_names`). Predictions come
+    from `post_process_panoptic_segmentation` (the classes not in `thing_class_ids` fused as stuff) or
+    `post_process_instance_segmentation` (binary maps, which may overlap) with score `threshold` (default:
+    `DEFAULT_THRESHOLDS[task]`), at the reference's size. Sharded under `accelerate launch` as `evaluate_on_dataset`;
+    every process returns the metrics of the whole dataset.
+    """
+    if task not in DEFAULT_THRESHOLDS:
+        raise ValueError(f"`task` must be one of {', '.join(DEFAULT_THRESHOLDS)}, got {task!r}.")
+    threshold = DEFAULT_THRESHOLDS[task] if threshold is None else threshold
+    stuff_class_ids = sorted(set(range(len(class_names))) - set(thing_class_ids))
+    metric = (StreamingPanopticQuality if task == "panoptic" else StreamingMaskAP)(len(class_names), thing_class_ids)
+    image_processor = processor.image_processor
+    for examples, sizes, outputs in segmented_shard(model, processor, dataset, class_names, device, batch_size, "panoptic"):
+        if task == "panoptic":
+            predictions = image_processor.post_process_panoptic_segmentation(
+                outputs, threshold=threshold, label_ids_to_fuse=set(stuff_class_ids), target_sizes=sizes)
+        else:
+            predictions = image_processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, target_sizes=sizes, return_binary_maps=True)
+        for prediction, example in zip(predictions, examples):
+            metric.update(prediction, rgb_to_segment_ids(example["panoptic"]), example["segments_info"])
+    state = distributed_state()
+    if state.num_processes > 1:
+        if task == "panoptic":
+            metric.counts = reduce(metric.counts.to(state.device), reduction="sum").cpu()
+        else:
+            metric.images = [image for images in gather_object([metric.images]) for image in images]
+    return metric.compute(list(class_names), list(unseen_class_names))
 
 
 @dataclass
@@ -84,4 +140,4 @@ class EvaluationSet:
                                    self.unseen_class_names, device, self.batch_size)
 
 
-__all__ = ["EvaluationSet", "distributed_state", "evaluate_on_dataset"]
+__all__ = ["EvaluationSet", "distributed_state", "evaluate_on_dataset", "evaluate_panoptic_on_dataset", "segmented_shard"]

@@ -6,6 +6,22 @@ import numpy as np
 import torch
 
 
+def checked_class_names(num_classes: int, class_names: Sequence[str] | None, unseen_class_names: Sequence[str] = ()) -> list[str]:
+    """The class names of a metric's `num_classes` classes ("0", "1", ... when not given), checked against the unseen ones."""
+    names = list(class_names) if class_names is not None else [str(index) for index in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"Got {len(names)} class names for {num_classes} classes.")
+    unknown = sorted(set(unseen_class_names) - set(names))
+    if unknown:
+        raise ValueError(f"Unseen class names not among the class names: {unknown}.")
+    return names
+
+
+def harmonic_mean(seen: float, unseen: float) -> float:
+    """The harmonic mean of a seen-class and an unseen-class metric (0 when both are 0)."""
+    return 2 * seen * unseen / (seen + unseen) if seen + unseen > 0 else 0.0
+
+
 class StreamingConfusionMatrix:
     """
     A (ground truth x prediction) confusion matrix accumulated image by image; pixels whose ground truth is
@@ -47,12 +63,7 @@ class StreamingConfusionMatrix:
         ground-truth share; pACC = sum(tp) / sum(gt). With `unseen_class_names`, also mIoU-seen, mIoU-unseen and their
         harmonic mean hIoU.
         """
-        names = list(class_names) if class_names is not None else [str(index) for index in range(self.num_classes)]
-        if len(names) != self.num_classes:
-            raise ValueError(f"Got {len(names)} class names for {self.num_classes} classes.")
-        unknown = sorted(set(unseen_class_names) - set(names))
-        if unknown:
-            raise ValueError(f"Unseen class names not among the class names: {unknown}.")
+        names = checked_class_names(self.num_classes, class_names, unseen_class_names)
         matrix = self.matrix.double()
         true_positives = matrix.diagonal()
         ground_truth, predicted = matrix.sum(dim=1), matrix.sum(dim=0)
@@ -75,17 +86,28 @@ class StreamingConfusionMatrix:
             seen_miou = 100 * iou[~unseen].nanmean().item()
             unseen_miou = 100 * iou[unseen].nanmean().item()
             results["mIoU-seen"], results["mIoU-unseen"] = seen_miou, unseen_miou
-            results["hIoU"] = 2 * seen_miou * unseen_miou / (seen_miou + unseen_miou) if seen_miou + unseen_miou > 0 else 0.0
+            results["hIoU"] = harmonic_mean(seen_miou, unseen_miou)
         return results
 
 
+HEADLINE_METRICS = (
+    "mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU",
+    *(f"{metric}{group}" for group in ("", "-things", "-stuff", "-seen", "-unseen") for metric in ("PQ", "SQ", "RQ")),
+    "hPQ", "hSQ", "hRQ", "AP", "AP50", "AP75", "AP-seen", "AP-unseen", "hAP",
+)
+PER_CLASS_METRICS = ("IoU", "PQ", "AP")
+
+
 def format_results_table(results: dict[str, float]) -> str:
-    """A markdown table of the headline metrics, then per-class IoU."""
-    headline = [key for key in ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen", "hIoU") if key in results]
+    """A markdown table of the headline metrics (semantic, panoptic or instance), then the per-class ones."""
+    headline = [key for key in HEADLINE_METRICS if key in results]
     lines = ["| " + " | ".join(headline) + " |", "|" + "---|" * len(headline), "| " + " | ".join(f"{results[key]:.2f}" for key in headline) + " |", ""]
-    lines += ["| class | IoU |", "|---|---|"]
-    lines += [f"| {key[4:]} | {value:.2f} |" for key, value in results.items() if key.startswith("IoU-")]
+    for metric in PER_CLASS_METRICS:
+        rows = [(key[len(metric) + 1 :], value) for key, value in results.items()
+                if key.startswith(f"{metric}-") and key not in HEADLINE_METRICS]
+        if rows:
+            lines += [f"| class | {metric} |", "|---|---|"] + [f"| {name} | {value:.2f} |" for name, value in rows]
     return "\n".join(lines)
 
 
-__all__ = ["StreamingConfusionMatrix", "format_results_table"]
+__all__ = ["StreamingConfusionMatrix", "checked_class_names", "format_results_table", "harmonic_mean"]

@@ -1,7 +1,8 @@
 """
 The paper's claim in miniature, end to end with the package's own code: draw a world, learn a tokenizer, pre-train a
 small CLIP on image-caption pairs of every class, train the proposal generator (stage 1) and fine-tune IP-CLIP with
-MAFT (stage 2) on the seen classes only, then evaluate on all classes the frozen-CLIP baseline and MAFT.
+MAFT (stage 2) on the seen classes only, then evaluate on all classes the frozen-CLIP baseline and MAFT (mIoU, and PQ
+from the scenes' panoptic annotations).
 Each step writes its result under the output folder and is skipped when that result is already there, so an
 interrupted run continues where it stopped (a training stage from its newest checkpoint).
 """
@@ -20,7 +21,9 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from ..configuration_maft import MaftDeepLabResNetConfig
+from ..data.segmentation_data import panoptic_thing_class_ids
 from ..evaluation import evaluate_on_dataset
+from ..evaluation.dataset_evaluation import evaluate_panoptic_on_dataset
 from ..modeling_maft import MaftModel
 from ..utils.output_files import write_json
 from ..processing_maft import MaftImageProcessor, MaftProcessor
@@ -53,6 +56,9 @@ class MiniatureRecipe:
     maft_learning_rate: float = 1e-4
     batch_size: int = 8
     bundled_examples: int = 8
+    # stage 1 on Mask2Former's panoptic targets (one mask per thing instance, one per stuff class) instead of one mask
+    # per class present (the shipped maft-mini's recipe)
+    panoptic_targets: bool = False
 
 
 def image_processor_for(recipe: MiniatureRecipe) -> MaftImageProcessor:
@@ -130,18 +136,25 @@ def train_stage(stage: str, recipe: MiniatureRecipe, data_dir: Path, init_dir: P
     class_names, ignore_index = segmentation_metadata(train_dataset)
     print(f"training {stage_recipe.description}: {steps} steps")
     # The world's class names are colours: the photometric part of the augmentation would change what they mean.
-    train_from_pretrained(str(init_dir), train_dataset, class_names, arguments, ignore_index, augment=False)
+    train_from_pretrained(str(init_dir), train_dataset, class_names, arguments, ignore_index, augment=False,
+                          panoptic_targets=recipe.panoptic_targets and stage == "proposals")
     (output_dir / "run" / f"checkpoint-{steps}" / "model").rename(output_dir / "model")
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, result_path: Path) -> dict:
-    """The model's metrics on the test scenes with the unseen split (read back if already written)."""
+def evaluate_model(model_dir: Path, data_dir: Path, result_path: Path, task: str = "semantic") -> dict:
+    """The model's metrics on the test scenes with the unseen split (read back if already written): mIoU for the
+    semantic task, PQ / SQ / RQ (from the scenes' panoptic annotations) for the panoptic one."""
     if not result_path.exists():
         test_dataset = load_segmentation_dataset(str(data_dir / "test"))
         class_names, ignore_index = segmentation_metadata(test_dataset)
-        results = evaluate_on_dataset(MaftModel.from_pretrained(model_dir), MaftProcessor.from_pretrained(model_dir),
-                                      test_dataset, class_names, ignore_index, UNSEEN_CLASS_NAMES)
-        print(f"{model_dir}: mIoU {results['mIoU']:.1f}, seen {results['mIoU-seen']:.1f}, unseen {results['mIoU-unseen']:.1f}")
+        model, processor = MaftModel.from_pretrained(model_dir), MaftProcessor.from_pretrained(model_dir)
+        if task == "semantic":
+            results = evaluate_on_dataset(model, processor, test_dataset, class_names, ignore_index, UNSEEN_CLASS_NAMES)
+            print(f"{model_dir}: mIoU {results['mIoU']:.1f}, seen {results['mIoU-seen']:.1f}, unseen {results['mIoU-unseen']:.1f}")
+        else:
+            results = evaluate_panoptic_on_dataset(model, processor, test_dataset, class_names, panoptic_thing_class_ids(test_dataset),
+                                                   task, UNSEEN_CLASS_NAMES)
+            print(f"{model_dir}: PQ {results['PQ']:.1f}, seen {results['PQ-seen']:.1f}, unseen {results['PQ-unseen']:.1f}")
         write_json(result_path, results)
     return json.loads(result_path.read_text())
 
@@ -165,6 +178,11 @@ def results_table(results: dict[str, dict]) -> str:
     for name, result in results.items():
         lines.append(f"| {name} | {result['mIoU-seen']:.1f} | {result['mIoU-unseen']:.1f} | {result['hIoU']:.1f} | "
                      f"{result['mIoU']:.1f} | {result['pACC']:.1f} |")
+    lines += ["", "| model | PQ (seen) | PQ (unseen) | hPQ | PQ (all) | SQ (seen) | SQ (unseen) | RQ (seen) | RQ (unseen) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{result[key]:.1f}" for key in (
+            "PQ-seen", "PQ-unseen", "hPQ", "PQ", "SQ-seen", "SQ-unseen", "RQ-seen", "RQ-unseen")) + " |")
     return "\n".join(lines)
 
 
@@ -193,9 +211,11 @@ def reproduce_miniature(output_dir: str | Path, recipe: MiniatureRecipe | None =
     with timed("stage 2"):
         train_stage("maft", recipe, data_dir, root / "proposals" / "model", root / "maft")
     results = {}
-    for name, stage, output in ((BASELINE, "proposals", "evaluation_frozen_clip.json"), (MAFT, "maft", "evaluation_maft.json")):
+    for name, stage, output in ((BASELINE, "proposals", "evaluation_frozen_clip"), (MAFT, "maft", "evaluation_maft")):
         with timed(f"evaluation: {name}"):
-            results[name] = evaluate_model(root / stage / "model", data_dir, root / output)
+            results[name] = evaluate_model(root / stage / "model", data_dir, root / f"{output}.json")
+        with timed(f"panoptic evaluation: {name}"):
+            results[name].update(evaluate_model(root / stage / "model", data_dir, root / f"{output}_panoptic.json", "panoptic"))
     write_once(root / "bundle", lambda folder: write_bundle(recipe, root / "maft" / "model", folder))
     write_json(root / "results.json", {"recipe": asdict(recipe), "results": results, "seconds": seconds})
     print(results_table(results))

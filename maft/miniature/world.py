@@ -6,12 +6,13 @@ combines words that seen classes also use, so a model can only name unseen class
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.segmentation_data import with_segmentation_metadata
+from ..data.segmentation_data import PANOPTIC_SEGMENTS_FEATURE, segment_ids_to_rgb, with_segmentation_metadata
 
 
 THING_COLOURS = {"red": (215, 35, 35), "green": (40, 190, 45), "blue": (45, 65, 225), "yellow": (230, 205, 35)}
@@ -87,14 +88,30 @@ def _next_word(class_name: str, words: tuple[str, ...], position: int) -> str:
     return " ".join(parts)
 
 
+class Scene(NamedTuple):
+    """A drawn scene: image (H, W, 3) uint8, label map (H, W) uint8 of indices into CLASS_NAMES, caption, and the
+    instance map (H, W) int32: n > 0 where the n-th thing drawn shows (after occlusion by later ones), 0 on stuff."""
+
+    image: np.ndarray
+    label: np.ndarray
+    caption: str
+    instances: np.ndarray
+
+
 def render_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """
     One scene: (image (H, W, 3) uint8, label map (H, W) uint8 of indices into CLASS_NAMES, caption). With `twin`,
     the scene the same generator state draws, with every thing's shape changed to the next shape (or, in a scene
     without things, every region's texture to the next texture): a hard negative whose caption differs only there.
     """
+    return draw_scene(rng, spec, twin)[:3]
+
+
+def draw_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: bool = False) -> Scene:
+    """`render_scene` with the instance map of its things (the generator draws the same numbers)."""
     size = spec.size
     label = np.zeros((size, size), dtype=np.uint8)
+    instances = np.zeros((size, size), dtype=np.int32)
     image = np.zeros((size, size, 3), dtype=np.float32)
     stuff = rng.choice(len(STUFF_CLASSES), rng.integers(spec.stuff_regions[0], spec.stuff_regions[1] + 1), replace=False)
     num_things = int(rng.integers(spec.things[0], spec.things[1] + 1))
@@ -109,7 +126,7 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: 
         inside = region == index
         image[inside] = _texture(texture, colour, size, rng)[inside]
         label[inside] = len(THING_CLASSES) + stuff_class
-    for _ in range(num_things):
+    for thing_number in range(1, num_things + 1):
         thing_class = int(rng.integers(len(THING_CLASSES)))
         if twin:
             thing_class = THING_CLASSES.index(_next_word(THING_CLASSES[thing_class], THING_SHAPES, 1))
@@ -118,11 +135,12 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: 
         mask = _shape_mask(shape, rng.uniform(radius * 0.5, size - radius * 0.5, 2), radius, rng.uniform(0, 2 * np.pi), size)
         image[mask] = np.array(THING_COLOURS[colour_name], dtype=np.float32) + rng.uniform(-20, 20, 3)
         label[mask] = thing_class
+        instances[mask] = thing_number
     illumination = 1 + 0.15 * (rows / size - 0.5) * rng.uniform(-1, 1) + 0.15 * (columns / size - 0.5) * rng.uniform(-1, 1)
     image = image * illumination[..., None] + rng.normal(0, 3, image.shape)
     counts = np.bincount(label.ravel(), minlength=len(CLASS_NAMES))
     shown = [CLASS_NAMES[index] for index in rng.permutation(np.flatnonzero(counts >= spec.min_caption_fraction * size * size))]
-    return np.clip(image, 0, 255).astype(np.uint8), label, caption_for(shown, rng)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), label, caption_for(shown, rng), instances)
 
 
 def caption_for(class_names: list[str], rng: np.random.Generator) -> str:
@@ -136,11 +154,17 @@ def scenes(split: str, count: int, seed: int, spec: SceneSpec = SceneSpec(),
            twins: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """`count` scenes of a split; scene i depends only on (seed, split, i). With `twins`, scenes 2k and 2k + 1 are a
     scene and its twin (see `render_scene`)."""
+    for scene in drawn_scenes(split, count, seed, spec, twins):
+        yield scene[:3]
+
+
+def drawn_scenes(split: str, count: int, seed: int, spec: SceneSpec = SceneSpec(), twins: bool = False) -> Iterator[Scene]:
+    """`scenes` with their instance maps."""
     if split not in SPLIT_IDS:
         raise ValueError(f"`split` must be one of {sorted(SPLIT_IDS)}, got {split!r}.")
     for index in range(count):
         scene = index // 2 if twins else index
-        yield render_scene(np.random.default_rng([seed, SPLIT_IDS[split], scene]), spec, twin=twins and index % 2 == 1)
+        yield draw_scene(np.random.default_rng([seed, SPLIT_IDS[split], scene]), spec, twin=twins and index % 2 == 1)
 
 
 def hide_unseen_classes(label: np.ndarray) -> np.ndarray:
@@ -149,14 +173,45 @@ def hide_unseen_classes(label: np.ndarray) -> np.ndarray:
     return np.where(np.isin(label, unseen), IGNORE_INDEX, label).astype(np.uint8)
 
 
+def panoptic_annotation(label: np.ndarray, instances: np.ndarray, seen_only: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """
+    The scene in the COCO panoptic layout: (H, W) segment ids (0: void) and segments_info `[{"id", "category_id",
+    "iscrowd", "area"}]`, one segment per visible thing (numbered in drawing order) and one per stuff class, category
+    ids indexing CLASS_NAMES. With `seen_only`, segments of unseen classes are void, as `hide_unseen_classes` ignores
+    their pixels.
+    """
+    hidden = {CLASS_NAMES.index(name) for name in UNSEEN_CLASS_NAMES} if seen_only else set()
+    segment_ids, segments_info = np.zeros(label.shape, dtype=np.int32), []
+    is_thing = instances > 0
+    regions = [(instances == number, int(label[instances == number][0])) for number in np.unique(instances[is_thing])]
+    regions += [(~is_thing & (label == category), int(category)) for category in np.unique(label[~is_thing])]
+    for mask, category in regions:
+        if category in hidden:
+            continue
+        segment_id = len(segments_info) + 1
+        segment_ids[mask] = segment_id
+        segments_info.append({"id": segment_id, "category_id": category, "iscrowd": 0, "area": int(mask.sum())})
+    return segment_ids, segments_info
+
+
 def build_dataset(split: str, count: int, seed: int, spec: SceneSpec = SceneSpec(), seen_only: bool = False,
                   twins: bool = False) -> datasets.Dataset:
-    """A `datasets.Dataset` of scenes with columns image, label and caption (label maps index CLASS_NAMES, recorded in
-    the metadata); with `seen_only`, unseen classes' pixels are ignored; with `twins`, rows 2k and 2k + 1 are twins."""
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "caption": datasets.Value("string")})
-    columns = {"image": [], "label": [], "caption": []}
-    for image, label, caption in tqdm(scenes(split, count, seed, spec, twins), total=count, desc=f"drawing {split}", unit="scene"):
+    """
+    A `datasets.Dataset` of scenes with columns image, label and caption (label maps index CLASS_NAMES, recorded in
+    the metadata with the thing classes), and the panoptic annotation of `panoptic_annotation` in the COCO layout:
+    `panoptic` (RGB-encoded segment ids) and `segments_info`. With `seen_only`, unseen classes' pixels are ignored
+    (void in `panoptic`); with `twins`, rows 2k and 2k + 1 are twins.
+    """
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "caption": datasets.Value("string"),
+                                  "panoptic": datasets.Image(), "segments_info": PANOPTIC_SEGMENTS_FEATURE})
+    columns = {name: [] for name in features}
+    for image, label, caption, instances in tqdm(drawn_scenes(split, count, seed, spec, twins), total=count,
+                                                 desc=f"drawing {split}", unit="scene"):
+        segment_ids, segments_info = panoptic_annotation(label, instances, seen_only)
         columns["image"].append(image)
         columns["label"].append(hide_unseen_classes(label) if seen_only else label)
         columns["caption"].append(caption)
-    return with_segmentation_metadata(datasets.Dataset.from_dict(columns, features=features), CLASS_NAMES, IGNORE_INDEX)
+        columns["panoptic"].append(segment_ids_to_rgb(segment_ids))
+        columns["segments_info"].append(segments_info)
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    return with_segmentation_metadata(dataset, CLASS_NAMES, IGNORE_INDEX, thing_class_names=THING_CLASSES)

@@ -345,17 +345,24 @@ def train_from_pretrained(
     label_ignore_index: int | None = None,
     augment: bool = True,
     evaluator: Evaluator | None = None,
+    panoptic_targets: bool = False,
 ) -> MaftModel:
     """
     `train` of the model and processor saved at `init_from` (a folder or Hub id) on `train_dataset` (columns image
     and label), with the recipe's augmentation unless `augment` is False; the trained model and its processor are
     saved to `arguments.output_dir` (by the main process only, under `accelerate launch`). `label_ignore_index` is the
     dataset's label of unlabelled pixels when it is not the processor's. `evaluator`: see `train`; its
-    `FinalModelNotPublishedError` is raised after the model is saved.
+    `FinalModelNotPublishedError` is raised after the model is saved. With `panoptic_targets`, the dataset's
+    COCO-panoptic annotations (columns panoptic and segments_info, thing classes in its metadata) are the labels:
+    stage 1 learns one mask per thing instance and per stuff class, crowd ignored.
     """
+    from ..data.segmentation_data import panoptic_thing_class_ids
+
+    thing_class_ids = panoptic_thing_class_ids(train_dataset) if panoptic_targets else None
     model, processor = MaftModel.from_pretrained(init_from), MaftProcessor.from_pretrained(init_from)
     collator = MaftTrainingCollator(processor, augmentation=arguments.recipe.augmentation if augment else None,
-                                    seed=arguments.recipe.seed, label_ignore_index=label_ignore_index)
+                                    seed=arguments.recipe.seed, label_ignore_index=label_ignore_index,
+                                    thing_class_ids=thing_class_ids)
     publishing_failure = None
     try:
         train(model, processor, train_dataset, collator, class_names, arguments, evaluator=evaluator)  # trains `model` in place

@@ -169,11 +169,13 @@ class StageLoss(nn.Module):
 
 
 class ProposalGeneratorLoss(StageLoss):
-    """Stage 1: the set-prediction loss of the final and the supervised auxiliary predictions."""
+    """Stage 1: the set-prediction loss of the final and the supervised auxiliary predictions, against panoptic targets
+    when the batch has `instance_labels`."""
 
     def forward(self, model: nn.Module, batch: dict, text_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = model(**self.model_inputs(batch, text_embeds))
-        return self.criterion(outputs.proposal_class_logits, outputs.masks_queries_logits, batch["labels"], outputs.auxiliary_logits)
+        return self.criterion(outputs.proposal_class_logits, outputs.masks_queries_logits, batch["labels"], outputs.auxiliary_logits,
+                              batch.get("instance_labels"))
 
 
 class MaskAwareFineTuningLoss(StageLoss):
