@@ -31,20 +31,16 @@ METHODS = {
 }
 
 
+# CLIP ViT-B/16's vision tower (MAFT's default IP-CLIP), for random weights of its size
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+               patch_size=16, projection_dim=512)
+
+
 def build_model(device: str):
     from maft import MaftClipVisionConfig, MaftClipVisionModel
 
-    config = MaftClipVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
     torch.manual_seed(0)
-    return MaftClipVisionModel(config).eval().to(device)
+    return MaftClipVisionModel(MaftClipVisionConfig(**VIT_B16)).eval().to(device)
 
 
 def random_blob_masks(num_proposals: int, size: int = 120) -> torch.Tensor:
