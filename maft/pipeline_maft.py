@@ -13,7 +13,7 @@ from transformers import Pipeline
 from .configuration_maft import HUB_PIPELINE_TASK as HUB_TASK
 from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary
-from .processing_maft import ImageLike, to_rgb_array
+from .processing_maft import ImageLike, MaskLike, to_mask_array, to_rgb_array
 
 
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
@@ -48,6 +48,14 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     masks of one image are disjoint and cover it); `score` is the class's mean probability over those pixels, its
     per-pixel class score (`post_process_semantic_segmentation`'s `scores`) divided by the sum over all candidate labels.
 
+    With `masks` (per image, masks at its size: a (K, H, W) array or tensor or a list of PIL "L" images, e.g.
+    Segment Anything's; for a list of images, a list with one entry per image), the pipeline names those masks instead
+    of finding its own (`MaftModel.classify_masks`): per image one `{"label", "score", "mask"}` per given mask, in the
+    given order, where `score` is the label's probability for that mask and `mask` the given mask as an "L" image.
+    With `subtask="semantic"` the masks' class probabilities are combined into a label map as MAFT combines its
+    proposals (`score[c] = sum_k p[k, c] * mask_k`, argmax), and the output is per label as without masks; pixels no
+    mask covers belong to no segment.
+
     The candidate labels' text embeddings are computed once per vocabulary and kept in the pipeline. With
     `batch_size > 1`, the model still segments each image at its own padded size, so batching changes no image's
     answer.
@@ -74,20 +82,52 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         """
         if kwargs.get("candidate_labels") is None and "candidate_labels" not in self._forward_params:
             raise ValueError("give the class names to segment into: candidate_labels=['cat', 'sky', ...]")
-        return super().__call__(list(images) if isinstance(images, tuple) else images, **kwargs)
+        images = list(images) if isinstance(images, tuple) else images
+        masks = kwargs.pop("masks", None)
+        if masks is not None:  # each image goes through the pipeline with its own masks
+            if isinstance(images, list):
+                if not isinstance(masks, (list, tuple)) or len(masks) != len(images):
+                    raise ValueError(f"for a list of {len(images)} images, `masks` must be a list with one entry (that image's masks) per image")
+                images = [{"image": image, "masks": image_masks} for image, image_masks in zip(images, masks)]
+            else:
+                images = {"image": images, "masks": masks}
+        return super().__call__(images, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels: Any = None, **kwargs):
+    def _sanitize_parameters(self, candidate_labels: Any = None, subtask: str | None = None, **kwargs):
         if kwargs:
-            raise TypeError(f"the {TASK} pipeline takes `candidate_labels` only, got {sorted(kwargs)}")
+            raise TypeError(f"the {TASK} pipeline takes `candidate_labels`, `masks` and `subtask` only, got {sorted(kwargs)}")
+        postprocess_params = {}
+        if subtask is not None:
+            if subtask != "semantic":
+                raise ValueError(f"`subtask` must be 'semantic', got {subtask!r}")
+            postprocess_params["subtask"] = subtask
         if candidate_labels is None:
-            return {}, {}, {}
+            return {}, {}, postprocess_params
         labels = check_candidate_labels(candidate_labels)
-        return {}, {"candidate_labels": labels}, {"candidate_labels": labels}
+        return {}, {"candidate_labels": labels}, {**postprocess_params, "candidate_labels": labels}
 
-    def preprocess(self, image: ImageLike) -> dict[str, Any]:
-        """The RGB array and its (height, width); the processor resizes and pads them per batch in `_forward`."""
+    def preprocess(self, inputs: ImageLike | dict[str, Any]) -> dict[str, Any]:
+        """The RGB array and its (height, width), and the masks given with it as (K, H, W) float32; the processor
+        resizes and pads them per batch in `_forward`."""
+        image = inputs["image"] if isinstance(inputs, dict) else inputs
         array = to_rgb_array(image, input_data_format="channels_last")
-        return {"image": array, "target_size": array.shape[:2]}
+        model_inputs = {"image": array, "target_size": array.shape[:2]}
+        if isinstance(inputs, dict):
+            model_inputs["masks"] = self.masks_of(inputs["masks"], array.shape[:2])
+        return model_inputs
+
+    @staticmethod
+    def masks_of(masks: MaskLike, image_size: tuple[int, int]) -> np.ndarray:
+        """An image's masks as (K, H, W) float32 in [0, 1] (see `to_mask_array`), checked to have the image's size."""
+        array = to_mask_array(masks)
+        if array.shape[0] == 0:
+            return np.zeros((0, *image_size), dtype=np.float32)
+        if array.shape[1:] != tuple(image_size):
+            raise ValueError(
+                f"the masks are {array.shape[2]}x{array.shape[1]} but the image is {image_size[1]}x{image_size[0]} "
+                "(width x height): give masks at the size of their image"
+            )
+        return array
 
     def text_embeddings(self, candidate_labels: tuple[str, ...]) -> torch.Tensor:
         """(num_labels, projection_dim) embeddings of `candidate_labels`, encoded on the first call for them only."""
@@ -99,6 +139,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         # One image comes as preprocess returned it (batch_size 1), a batch as a list per key (transformers' collation).
         batched = isinstance(model_inputs["image"], list)
         images = model_inputs["image"] if batched else [model_inputs["image"]]
+        if "masks" in model_inputs:
+            return self._name_masks(model_inputs, images, batched, candidate_labels)
         inputs = self.processor(images=images, input_data_format="channels_last", return_tensors="pt").to(self.device)
         outputs = self.model(**inputs, text_embeds=self.text_embeddings(candidate_labels))
         # Tensors of batch-first shape: the pipeline's iterator splits them per image for postprocess.
@@ -110,7 +152,24 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             "target_size": model_inputs["target_size"],
         }
 
-    def postprocess(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    def _name_masks(self, model_inputs: dict[str, Any], images: list[np.ndarray], batched: bool, candidate_labels: tuple[str, ...]) -> dict[str, Any]:
+        """IP-CLIP's names of the given masks (`MaftModel.classify_masks`), padded to the batch's most masks."""
+        masks = model_inputs["masks"] if batched else [model_inputs["masks"]]
+        inputs = self.processor(images=images, masks=masks, input_data_format="channels_last", return_tensors="pt").to(self.device)
+        outputs = self.model.classify_masks(**inputs, text_embeds=self.text_embeddings(candidate_labels))
+        return {
+            "class_logits": outputs.class_logits,
+            "real_masks": outputs.real_masks,
+            # (1, K, H, W) per image, as the pipeline's iterator gives the arrays of a batch
+            "masks": model_inputs["masks"] if batched else model_inputs["masks"][None],
+            "target_size": model_inputs["target_size"],
+        }
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...], subtask: str | None = None
+    ) -> list[dict[str, Any]]:
+        if "class_logits" in model_outputs:
+            return self.named_masks(model_outputs, candidate_labels, subtask)
         # What post-processing reads of a MaftModelOutput (this file does not import the model's: modeling_maft.py
         # imports it, to save it with the model).
         outputs = SimpleNamespace(
@@ -122,15 +181,36 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         (result,) = self.processor.post_process_semantic_segmentation(
             outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True
         )
-        segmentation, scores = result["segmentation"], result["segmentation_scores"]
-        probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-        segments = []
-        for index, label in enumerate(candidate_labels):
-            pixels = segmentation == index
-            if pixels.any():
-                mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
-                segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
-        return segments
+        return label_segments(result["segmentation"], result["segmentation_scores"], candidate_labels)
+
+    def named_masks(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...], subtask: str | None) -> list[dict[str, Any]]:
+        """One `{"label", "score", "mask"}` per given mask, or with `subtask="semantic"` per label of the masks' label map."""
+        outputs = SimpleNamespace(class_logits=model_outputs["class_logits"].float(), real_masks=model_outputs["real_masks"])
+        (names,) = self.processor.post_process_mask_classification(outputs)
+        masks = torch.from_numpy(model_outputs["masks"][0])
+        if subtask == "semantic":
+            if not names:
+                return []
+            scores = torch.einsum("kc,khw->chw", torch.stack([name["scores"].cpu() for name in names]), masks)
+            segmentation = torch.where(masks.sum(dim=0) > 0, scores.argmax(dim=0), -1)
+            return label_segments(segmentation, scores, candidate_labels)
+        return [
+            {"label": candidate_labels[name["label_id"]], "score": name["score"], "mask": Image.fromarray((mask * 255).round().byte().numpy())}
+            for name, mask in zip(names, masks)
+        ]
+
+
+def label_segments(segmentation: torch.Tensor, scores: torch.Tensor, candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One `{"label", "score", "mask"}` per label of the (H, W) `segmentation` (-1: no label), scored by the label's
+    mean probability (its `scores` (C, H, W) divided by their sum over labels) over its pixels."""
+    probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    segments = []
+    for index, label in enumerate(candidate_labels):
+        pixels = segmentation == index
+        if pixels.any():
+            mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
+            segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
+    return segments
 
 
 def custom_pipelines() -> dict[str, dict[str, Any]]:

@@ -1,13 +1,18 @@
 """Naming given masks: `MaftProcessor(images=..., masks=...)`, `MaftModel.classify_masks` and
-`post_process_mask_classification`, against IP-CLIP called by hand; edge cases of the masks and their errors."""
+`post_process_mask_classification`, against IP-CLIP called by hand; edge cases of the masks and their errors; the
+pipeline with `masks=`, also with transformers alone."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from transformers import pipeline
 
-from helpers import CLASS_NAMES, random_image, tiny_model, tiny_processor
+from helpers import CLASS_NAMES, random_image, run_without_maft, tiny_model, tiny_processor
+from maft.cli.model_loading import default_model_path
 from maft.processing_maft import round_up
 
 
@@ -190,3 +195,114 @@ def test_classify_masks_checks_its_inputs(model):
     # masks at any resolution: IP-CLIP resizes them to its patch grid
     outputs = model.classify_masks(clip_pixel_values, torch.ones(1, 2, 13, 7), text_embeds=text_embeds)
     assert outputs.class_logits.shape == (1, 2, 4) and outputs.real_masks is None
+
+
+# The pipeline with `masks=`, on the bundled model: the example scenes' ground-truth segments as the given masks.
+
+BUNDLED_EXAMPLES = default_model_path().parent / "examples"
+BUNDLED_CLASSES = json.loads((BUNDLED_EXAMPLES / "classes.json").read_text())["class_names"]
+
+
+def scene_and_segments(index: int) -> tuple[Image.Image, np.ndarray, list[int]]:
+    """Example scene `index`, its ground-truth segments as (K, H, W) booleans and their class ids."""
+    image = Image.open(BUNDLED_EXAMPLES / f"scene-{index}.png").convert("RGB")
+    labels = np.array(Image.open(BUNDLED_EXAMPLES / f"scene-{index}-labels.png"))
+    class_ids = [int(value) for value in np.unique(labels) if value < len(BUNDLED_CLASSES)]
+    return image, np.stack([labels == class_id for class_id in class_ids]), class_ids
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from helpers import bundled_model
+
+    return bundled_model()
+
+
+@pytest.fixture(scope="module")
+def namer():
+    return pipeline("zero-shot-image-segmentation", model=str(default_model_path()), device="cpu")
+
+
+def test_the_pipeline_names_each_given_mask_in_order(namer, bundled):
+    model, processor = bundled
+    image, masks, _ = scene_and_segments(0)
+    named = namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks)
+    inputs = processor(images=image, masks=masks, text=BUNDLED_CLASSES)
+    with torch.no_grad():
+        (expected,) = processor.post_process_mask_classification(model.classify_masks(**inputs))
+    assert [segment["label"] for segment in named] == [BUNDLED_CLASSES[name["label_id"]] for name in expected]
+    assert [segment["score"] for segment in named] == pytest.approx([name["score"] for name in expected], abs=1e-5)
+    for segment, mask in zip(named, masks):
+        np.testing.assert_array_equal(np.asarray(segment["mask"]), mask.astype(np.uint8) * 255)
+    assert namer(image, candidate_labels=BUNDLED_CLASSES, masks=[]) == []
+
+
+def test_the_pipeline_combines_the_masks_into_a_label_map_with_subtask_semantic(namer, bundled):
+    model, processor = bundled
+    image, masks, _ = scene_and_segments(1)
+    masks[:, :10] = False  # rows no mask covers: no segment holds them
+    segments = namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks, subtask="semantic")
+    inputs = processor(images=image, masks=masks, text=BUNDLED_CLASSES)
+    with torch.no_grad():
+        (names,) = processor.post_process_mask_classification(model.classify_masks(**inputs))
+    scores = np.einsum("kc,khw->chw", np.stack([name["scores"].numpy() for name in names]), masks.astype(np.float32))
+    expected = np.where(masks.any(axis=0), scores.argmax(axis=0), -1)
+    drawn = np.full(expected.shape, -1)
+    for segment in segments:
+        pixels = np.asarray(segment["mask"]) == 255
+        assert (drawn[pixels] == -1).all(), "segments are disjoint"
+        drawn[pixels] = BUNDLED_CLASSES.index(segment["label"])
+    np.testing.assert_array_equal(drawn, expected)
+    assert (drawn[:10] == -1).all()
+
+
+def test_the_pipeline_names_masks_of_a_list_of_images_alike_in_batches(namer):
+    scenes = [scene_and_segments(index) for index in (2, 3, 4)]
+    images, masks = [image for image, _, _ in scenes], [image_masks for _, image_masks, _ in scenes]
+    masks[1] = masks[1][:1]  # different counts in one batch
+    one_by_one = [namer(image, candidate_labels=BUNDLED_CLASSES, masks=image_masks) for image, image_masks in zip(images, masks)]
+    batched = namer(images, candidate_labels=BUNDLED_CLASSES, masks=masks, batch_size=2)
+    assert [[segment["label"] for segment in result] for result in batched] == [[segment["label"] for segment in result] for result in one_by_one]
+    for result, single in zip(batched, one_by_one):
+        assert [segment["score"] for segment in result] == pytest.approx([segment["score"] for segment in single], abs=1e-5)
+
+
+def test_the_pipeline_refuses_masks_that_do_not_fit(namer):
+    image, masks, _ = scene_and_segments(0)
+    with pytest.raises(ValueError, match=r"masks are 95x96 but the image is 96x96"):
+        namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks[:, :, :95])
+    with pytest.raises(ValueError, match="one entry .* per image"):
+        namer([image, image], candidate_labels=BUNDLED_CLASSES, masks=masks)
+    with pytest.raises(ValueError, match="`subtask` must be"):
+        namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks, subtask="instance")
+
+
+NAME_MASKS_WITHOUT_MAFT = """
+import json
+import sys
+
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+
+location, scene, masks, class_names = {location!r}, {scene!r}, {masks!r}, {class_names!r}
+namer = pipeline("zero-shot-image-segmentation", model=location, trust_remote_code=True, device="cpu")
+named = namer(Image.open(scene).convert("RGB"), candidate_labels=class_names, masks=np.load(masks))
+print(json.dumps({{
+    "labels": [segment["label"] for segment in named],
+    "scores": [segment["score"] for segment in named],
+    "maft_imported": any(name == "maft" or name.startswith("maft.") for name in sys.modules),
+}}))
+"""
+
+
+def test_the_pipeline_names_masks_with_transformers_alone(namer, tmp_path):
+    image, masks, _ = scene_and_segments(3)
+    np.save(tmp_path / "masks.npy", masks)
+    code = NAME_MASKS_WITHOUT_MAFT.format(location=str(default_model_path()), scene=str(BUNDLED_EXAMPLES / "scene-3.png"),
+                                          masks=str(tmp_path / "masks.npy"), class_names=BUNDLED_CLASSES)
+    result = json.loads(run_without_maft(code, tmp_path).strip().splitlines()[-1])
+    expected = namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks)
+    assert not result["maft_imported"]
+    assert result["labels"] == [segment["label"] for segment in expected]
+    assert result["scores"] == pytest.approx([segment["score"] for segment in expected], abs=1e-5)
