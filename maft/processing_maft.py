@@ -567,7 +567,8 @@ class MaftImageProcessor(BaseImageProcessor):
             in_mask = masks > mask_threshold
             mask_quality = (masks * in_mask).flatten(1).sum(1) / (in_mask.flatten(1).sum(1) + 1e-6)
             scores = class_scores * mask_quality
-            kept = scores >= threshold
+            kept = (scores >= threshold).nonzero()[:, 0]
+            kept = kept[scores[kept].argsort(descending=True, stable=True)]
             masks, scores, labels = masks[kept], scores[kept], labels[kept]
             target_size = output_size(target_sizes, index, masks)
             if return_binary_maps:
