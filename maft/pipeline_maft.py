@@ -16,6 +16,11 @@ from .inference import encode_vocabulary
 from .processing_maft import ImageLike, to_rgb_array
 
 
+SUBTASKS = ("semantic", "instance", "panoptic")
+# instance and panoptic: the processor's defaults (Mask2Former's); semantic segmentation has no thresholds
+THRESHOLD_DEFAULTS = {"threshold": 0.5, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8}
+
+
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
     """The candidate labels as a tuple (the text-embedding cache key); refuses anything but a non-empty list of names."""
     if not isinstance(candidate_labels, (list, tuple)) or not candidate_labels:
@@ -28,7 +33,8 @@ def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
 
 class ZeroShotImageSegmentationPipeline(Pipeline):
     """
-    Segments images into any class names with a MAFT model: every pixel gets the candidate label it shows best.
+    Segments images into any class names with a MAFT model: every pixel gets the candidate label it shows best, or
+    (`subtask="instance"` / `"panoptic"`) objects are found as separate instances.
 
     Example:
 
@@ -47,6 +53,18 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     `candidate_labels`: `mask` is a PIL "L" image of the input's size, 255 on the class's pixels and 0 elsewhere (the
     masks of one image are disjoint and cover it); `score` is the class's mean probability over those pixels, its
     per-pixel class score (`post_process_semantic_segmentation`'s `scores`) divided by the sum over all candidate labels.
+
+    `subtask` (as in transformers' `image-segmentation` pipeline) chooses what a segment is:
+    - `"semantic"` (default): as above, one segment per class present.
+    - `"instance"`: one segment per object found (`MaftImageProcessor.post_process_instance_segmentation`), best
+      first; `score` is the instance's score (class probability x mask quality). Masks are disjoint but need not
+      cover the image. Classes in `stuff_labels` have no instances.
+    - `"panoptic"`: thing instances and one segment per stuff class present
+      (`MaftImageProcessor.post_process_panoptic_segmentation`); `stuff_labels` (some of `candidate_labels`) are the
+      stuff classes, fused into one segment each; without them every class is a thing. `score` is the segment's
+      class probability. Masks are disjoint but need not cover the image.
+    Instance and panoptic take `threshold`, `mask_threshold` and `overlap_mask_area_threshold` (defaults 0.5, 0.5,
+    0.8: the processor's) as the processor's functions do.
 
     The candidate labels' text embeddings are computed once per vocabulary and kept in the pipeline. With
     `batch_size > 1`, the model still segments each image at its own padded size, so batching changes no image's
@@ -70,19 +88,35 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> list[dict] | list[list[dict]]:
         """
         Segments `images` (one, or a list: then one result per image) into `candidate_labels` (a non-empty list of
-        class names, given here or when the pipeline is created). See the class docstring for the output.
+        class names, given here or when the pipeline is created). `subtask`, `stuff_labels`, `threshold`,
+        `mask_threshold`, `overlap_mask_area_threshold`: see the class docstring, which also describes the output.
         """
         if kwargs.get("candidate_labels") is None and "candidate_labels" not in self._forward_params:
             raise ValueError("give the class names to segment into: candidate_labels=['cat', 'sky', ...]")
         return super().__call__(list(images) if isinstance(images, tuple) else images, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels: Any = None, **kwargs):
-        if kwargs:
-            raise TypeError(f"the {TASK} pipeline takes `candidate_labels` only, got {sorted(kwargs)}")
+    def _sanitize_parameters(
+        self, candidate_labels: Any = None, subtask: str | None = None, stuff_labels: Any = None, **kwargs
+    ):
+        unknown = sorted(set(kwargs) - set(THRESHOLD_DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"the {TASK} pipeline takes `candidate_labels`, `subtask`, `stuff_labels` and "
+                f"{', '.join(f'`{name}`' for name in THRESHOLD_DEFAULTS)}, got {unknown}"
+            )
+        postprocess_params = dict(kwargs)
+        if subtask is not None:
+            if subtask not in SUBTASKS:
+                raise ValueError(f"`subtask` must be one of {', '.join(SUBTASKS)}, got {subtask!r}")
+            postprocess_params["subtask"] = subtask
+        if stuff_labels is not None:
+            if not isinstance(stuff_labels, (list, tuple)) or not all(isinstance(name, str) for name in stuff_labels):
+                raise ValueError(f"`stuff_labels` must be a list of class names (some of `candidate_labels`), got {stuff_labels!r}")
+            postprocess_params["stuff_labels"] = tuple(stuff_labels)
         if candidate_labels is None:
-            return {}, {}, {}
+            return {}, {}, postprocess_params
         labels = check_candidate_labels(candidate_labels)
-        return {}, {"candidate_labels": labels}, {"candidate_labels": labels}
+        return {}, {"candidate_labels": labels}, {**postprocess_params, "candidate_labels": labels}
 
     def preprocess(self, image: ImageLike) -> dict[str, Any]:
         """The RGB array and its (height, width); the processor resizes and pads them per batch in `_forward`."""
@@ -110,7 +144,14 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             "target_size": model_inputs["target_size"],
         }
 
-    def postprocess(self, model_outputs: dict[str, Any], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    def postprocess(
+        self,
+        model_outputs: dict[str, Any],
+        candidate_labels: tuple[str, ...],
+        subtask: str = "semantic",
+        stuff_labels: tuple[str, ...] = (),
+        **thresholds: float,
+    ) -> list[dict[str, Any]]:
         # What post-processing reads of a MaftModelOutput (this file does not import the model's: modeling_maft.py
         # imports it, to save it with the model).
         outputs = SimpleNamespace(
@@ -119,8 +160,32 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             image_sizes=model_outputs["image_sizes"],
             padded_sizes=model_outputs["padded_sizes"],
         )
+        target_sizes = [model_outputs["target_size"]]
+        if subtask == "semantic":
+            if stuff_labels or thresholds:
+                given = sorted(thresholds) + (["stuff_labels"] if stuff_labels else [])
+                raise ValueError(f"{', '.join(given)} apply to subtask 'instance' or 'panoptic', not 'semantic'")
+            return self.semantic_segments(outputs, target_sizes, candidate_labels)
+        stuff_ids = stuff_label_ids(stuff_labels, candidate_labels)
+        thresholds = {**THRESHOLD_DEFAULTS, **thresholds}
+        if subtask == "panoptic":
+            (result,) = self.processor.post_process_panoptic_segmentation(
+                outputs, label_ids_to_fuse=stuff_ids, target_sizes=target_sizes, **thresholds
+            )
+        else:
+            (result,) = self.processor.post_process_instance_segmentation(
+                outputs, stuff_label_ids=stuff_ids, target_sizes=target_sizes, **thresholds
+            )
+        segmentation = result["segmentation"]
+        return [
+            {"label": candidate_labels[segment["label_id"]], "score": segment["score"], "mask": mask_image(segmentation == segment["id"])}
+            for segment in result["segments_info"]
+        ]
+
+    def semantic_segments(self, outputs, target_sizes: list, candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+        """One segment per candidate label present, scored by its mean probability over its pixels."""
         (result,) = self.processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True
+            outputs, target_sizes=target_sizes, return_segmentation_scores=True
         )
         segmentation, scores = result["segmentation"], result["segmentation_scores"]
         probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
@@ -128,9 +193,21 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         for index, label in enumerate(candidate_labels):
             pixels = segmentation == index
             if pixels.any():
-                mask = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
-                segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask})
+                segments.append({"label": label, "score": probabilities[index][pixels].mean().item(), "mask": mask_image(pixels)})
         return segments
+
+
+def stuff_label_ids(stuff_labels: tuple[str, ...], candidate_labels: tuple[str, ...]) -> set[int]:
+    """The indices of `stuff_labels` in `candidate_labels`; names that are not candidate labels are refused."""
+    missing = [name for name in stuff_labels if name not in candidate_labels]
+    if missing:
+        raise ValueError(f"`stuff_labels` must be among `candidate_labels` {list(candidate_labels)}; not there: {missing}")
+    return {candidate_labels.index(name) for name in stuff_labels}
+
+
+def mask_image(pixels: torch.Tensor) -> Image.Image:
+    """A (H, W) bool tensor as a PIL "L" image, 255 on its pixels and 0 elsewhere."""
+    return Image.fromarray(pixels.cpu().numpy().astype(np.uint8) * 255)
 
 
 def custom_pipelines() -> dict[str, dict[str, Any]]:
