@@ -12,7 +12,7 @@ from transformers import Pipeline
 
 from .configuration_maft import HUB_PIPELINE_TASK as HUB_TASK
 from .configuration_maft import PIPELINE_TASK as TASK
-from .inference import encode_vocabulary
+from .inference import encode_vocabulary, post_process_objects
 from .processing_maft import ImageLike, to_rgb_array
 
 
@@ -160,32 +160,25 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             image_sizes=model_outputs["image_sizes"],
             padded_sizes=model_outputs["padded_sizes"],
         )
-        target_sizes = [model_outputs["target_size"]]
         if subtask == "semantic":
             if stuff_labels or thresholds:
                 given = sorted(thresholds) + (["stuff_labels"] if stuff_labels else [])
                 raise ValueError(f"{', '.join(given)} apply to subtask 'instance' or 'panoptic', not 'semantic'")
-            return self.semantic_segments(outputs, target_sizes, candidate_labels)
+            return self.semantic_segments(outputs, model_outputs["target_size"], candidate_labels)
         stuff_ids = stuff_label_ids(stuff_labels, candidate_labels)
-        thresholds = {**THRESHOLD_DEFAULTS, **thresholds}
-        if subtask == "panoptic":
-            (result,) = self.processor.post_process_panoptic_segmentation(
-                outputs, label_ids_to_fuse=stuff_ids, target_sizes=target_sizes, **thresholds
-            )
-        else:
-            (result,) = self.processor.post_process_instance_segmentation(
-                outputs, stuff_label_ids=stuff_ids, target_sizes=target_sizes, **thresholds
-            )
+        result = post_process_objects(
+            self.processor, outputs, subtask, model_outputs["target_size"], stuff_ids, **{**THRESHOLD_DEFAULTS, **thresholds}
+        )
         segmentation = result["segmentation"]
         return [
             {"label": candidate_labels[segment["label_id"]], "score": segment["score"], "mask": mask_image(segmentation == segment["id"])}
             for segment in result["segments_info"]
         ]
 
-    def semantic_segments(self, outputs, target_sizes: list, candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    def semantic_segments(self, outputs, target_size: tuple[int, int], candidate_labels: tuple[str, ...]) -> list[dict[str, Any]]:
         """One segment per candidate label present, scored by its mean probability over its pixels."""
         (result,) = self.processor.post_process_semantic_segmentation(
-            outputs, target_sizes=target_sizes, return_segmentation_scores=True
+            outputs, target_sizes=[target_size], return_segmentation_scores=True
         )
         segmentation, scores = result["segmentation"], result["segmentation_scores"]
         probabilities = scores / scores.sum(dim=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
