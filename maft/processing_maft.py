@@ -1,7 +1,8 @@
-"""Image processor and processor for MAFT: images in, model inputs out, and semantic post-processing."""
+"""Image processor and processor for MAFT: images in, model inputs out, and post-processing into semantic, instance and
+panoptic segmentations."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -606,23 +607,12 @@ class MaftImageProcessor(BaseImageProcessor):
         `segmentation` and the per-class `segmentation_scores` (C, H, W), as Mask2Former's.
         """
         class_scores = outputs.class_queries_logits.softmax(dim=-1)[..., :-1]
-        mask_logits = outputs.masks_queries_logits
-        batch_size = mask_logits.shape[0]
-        if target_sizes is not None and len(target_sizes) != batch_size:
-            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
-        padded_size = (mask_logits.shape[-2] * self.mask_stride, mask_logits.shape[-1] * self.mask_stride)
+        batch_size = outputs.masks_queries_logits.shape[0]
+        check_target_sizes(target_sizes, batch_size)
         results = []
-        padded_sizes = getattr(outputs, "padded_sizes", None)
         for index in range(batch_size):
-            logits, size = mask_logits[index : index + 1], padded_size
-            if padded_sizes is not None:
-                size = tuple(int(value) for value in padded_sizes[index])
-                logits = logits[..., : -(-size[0] // self.mask_stride), : -(-size[1] // self.mask_stride)]
-            masks = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)[0]
-            if outputs.image_sizes is not None:
-                height, width = (int(value) for value in outputs.image_sizes[index])
-                masks = masks[:, :height, :width]
-            scores = torch.einsum("qc,qhw->chw", class_scores[index], masks.sigmoid())
+            masks = self.proposal_masks(outputs, index)
+            scores = torch.einsum("qc,qhw->chw", class_scores[index], masks)
             if target_sizes is None:
                 segmentation = scores.argmax(dim=0)
             elif return_segmentation_scores:
@@ -658,28 +648,271 @@ class MaftImageProcessor(BaseImageProcessor):
             )
         return results
 
+    def proposal_masks(self, outputs, index: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        (Q, h, w) mask probabilities of image `index`'s proposals (all of them, or those `queries` indexes) over the
+        image itself: mask logits upsampled to the padded input (bilinear, `align_corners=True`; to the image's own
+        padded size where `outputs.padded_sizes` gives it), cropped to `outputs.image_sizes[index]` (h, w), sigmoid.
+        """
+        logits = outputs.masks_queries_logits[index]
+        if queries is not None:
+            logits = logits[queries]
+        size = (logits.shape[-2] * self.mask_stride, logits.shape[-1] * self.mask_stride)
+        padded_sizes = getattr(outputs, "padded_sizes", None)
+        if padded_sizes is not None:
+            size = tuple(int(value) for value in padded_sizes[index])
+            logits = logits[..., : -(-size[0] // self.mask_stride), : -(-size[1] // self.mask_stride)]
+        height, width = size
+        if outputs.image_sizes is not None:
+            height, width = (int(value) for value in outputs.image_sizes[index])
+        if len(logits) == 0:  # interpolate refuses empty batches
+            return logits.new_empty((0, height, width))
+        masks = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=True)[0]
+        return masks[:, :height, :width].sigmoid()
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+        return_binary_maps: bool = False,
+        stuff_label_ids: Collection[int] | None = None,
+    ) -> list[dict]:
+        """
+        Instances of the classes (Mask2Former's instance inference, DESIGN.md §11), with the output of
+        `Mask2FormerImageProcessor.post_process_instance_segmentation`.
+
+        Per image: every (proposal, class) pair is scored by the proposal's class probability
+        (`softmax(class_queries_logits)[..., :-1]`, MAFT's final scores as the semantic segmentation uses them; the
+        no-object class is left out); the `num_queries` best pairs are the candidates, the classes in
+        `stuff_label_ids` (not things: no instances of them) dropped. A candidate's mask is its proposal's
+        probability `> mask_threshold`; its score is the class probability times the mean probability over that mask
+        (mask quality); candidates scoring `>= threshold` are the instances, best first.
+
+        Args:
+            outputs ([`MaftModelOutput`]): `class_queries_logits`, `masks_queries_logits`, `image_sizes` (and
+                `padded_sizes`) as [`MaftModel`] returns them.
+            threshold (`float`, *optional*, defaults to 0.5): lowest score of an instance.
+            mask_threshold (`float`, *optional*, defaults to 0.5): mask probability at which a pixel is the proposal's.
+            overlap_mask_area_threshold (`float`, *optional*, defaults to 0.8): in the segmentation map, an instance
+                that keeps less than this fraction of its mask (the rest lost to better-scoring overlapping
+                instances) is dropped.
+            target_sizes (`list[tuple[int, int]]`, *optional*): the (height, width) of each image's result; default:
+                the image's size in the model input.
+            return_binary_maps (`bool`, *optional*, defaults to `False`): return each instance's whole mask instead of
+                a segmentation map (instances may then overlap, and none is dropped for overlapping).
+            stuff_label_ids (`Collection[int]`, *optional*): classes that are stuff; none of their instances are kept.
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation**: (H, W) int32 segment ids, -1 where no instance is (Mask2Former's convention: ids start
+              at 0); each pixel goes to the instance with the largest `score * mask probability`, and only if that
+              probability is `>= mask_threshold`. With `return_binary_maps=True`, the (num_instances, H, W) bool
+              masks instead (`segmentation[i]` is the instance with id `i`).
+            - **segments_info**: per instance `{"id", "label_id", "was_fused": False, "score"}`.
+        """
+        batch_size = outputs.masks_queries_logits.shape[0]
+        check_target_sizes(target_sizes, batch_size)
+        stuff = torch.tensor(sorted(set(stuff_label_ids or ())), dtype=torch.long)
+        results = []
+        for index in range(batch_size):
+            probabilities = outputs.class_queries_logits[index].softmax(dim=-1)[:, :-1]
+            num_queries, num_classes = probabilities.shape
+            class_scores, pairs = probabilities.flatten().topk(num_queries)
+            queries, labels = pairs // num_classes, pairs % num_classes
+            is_thing = ~torch.isin(labels, stuff.to(labels.device))
+            class_scores, queries, labels = class_scores[is_thing], queries[is_thing], labels[is_thing]
+            masks = self.proposal_masks(outputs, index, queries)
+            in_mask = masks > mask_threshold
+            mask_quality = (masks * in_mask).flatten(1).sum(1) / (in_mask.flatten(1).sum(1) + 1e-6)
+            scores = class_scores * mask_quality
+            kept = (scores >= threshold).nonzero()[:, 0]
+            kept = kept[scores[kept].argsort(descending=True, stable=True)]
+            masks, scores, labels = masks[kept], scores[kept], labels[kept]
+            target_size = output_size(target_sizes, index, masks)
+            if return_binary_maps:
+                results.append(binary_instance_maps(masks, scores, labels, target_size, mask_threshold))
+                continue
+            segmentation, segments_info = compute_segments(
+                masks, scores, labels, target_size, mask_threshold, overlap_mask_area_threshold, first_id=0
+            )
+            results.append({"segmentation": segmentation, "segments_info": segments_info})
+        return results
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Collection[int] | None = None,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict]:
+        """
+        Panoptic segments: thing instances and one segment per stuff class (Mask2Former's panoptic inference,
+        DESIGN.md §11), with the output of `Mask2FormerImageProcessor.post_process_panoptic_segmentation`.
+
+        Per image: each proposal's label and score are the largest of its class probabilities
+        (`softmax(class_queries_logits)`, MAFT's final scores as the semantic segmentation uses them, with the
+        no-object class); proposals whose label is no-object or whose score is `<= threshold` are dropped. Each pixel
+        goes to the kept proposal with the largest `score * mask probability`; a proposal's segment is the pixels it
+        gets where its probability is `>= mask_threshold`. A proposal is dropped when it gets no such pixel, or gets
+        fewer than `overlap_mask_area_threshold` times the pixels of its own mask (probability `>= mask_threshold`).
+
+        Args:
+            outputs ([`MaftModelOutput`]): `class_queries_logits`, `masks_queries_logits`, `image_sizes` (and
+                `padded_sizes`) as [`MaftModel`] returns them.
+            threshold (`float`, *optional*, defaults to 0.5): a proposal is kept when its score exceeds this.
+            mask_threshold (`float`, *optional*, defaults to 0.5): mask probability at which a pixel is the proposal's.
+            overlap_mask_area_threshold (`float`, *optional*, defaults to 0.8): smallest fraction of its mask a
+                proposal must keep.
+            label_ids_to_fuse (`Collection[int]`, *optional*): the stuff classes of this vocabulary: all proposals of
+                one such class make one segment. Default: none, every class is a thing (each proposal its own segment).
+            target_sizes (`list[tuple[int, int]]`, *optional*): the (height, width) of each image's result; default:
+                the image's size in the model input.
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation**: (H, W) int32 segment ids starting at 1; 0 where no segment is, also when no proposal
+              is kept at all (Mask2Former gives -1 then; 0 is always "no segment" here, as in COCO panoptic files).
+            - **segments_info**: per segment `{"id", "label_id", "was_fused", "score"}`: `was_fused` is whether the
+              class is in `label_ids_to_fuse`; a fused segment's score is the best of its proposals'.
+        """
+        batch_size = outputs.masks_queries_logits.shape[0]
+        check_target_sizes(target_sizes, batch_size)
+        num_classes = outputs.class_queries_logits.shape[-1] - 1
+        best_scores, best_labels = outputs.class_queries_logits.softmax(dim=-1).max(dim=-1)
+        results = []
+        for index in range(batch_size):
+            kept = (best_labels[index] != num_classes) & (best_scores[index] > threshold)
+            masks = self.proposal_masks(outputs, index, kept.nonzero()[:, 0])
+            segmentation, segments_info = compute_segments(
+                masks, best_scores[index][kept], best_labels[index][kept], output_size(target_sizes, index, masks),
+                mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse, first_id=1,
+            )
+            results.append({"segmentation": segmentation, "segments_info": segments_info})
+        return results
+
+
+def check_target_sizes(target_sizes: Sequence | torch.Tensor | None, batch_size: int) -> None:
+    if target_sizes is not None and len(target_sizes) != batch_size:
+        raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
+
+
+def output_size(target_sizes: Sequence | torch.Tensor | None, index: int, masks: torch.Tensor) -> tuple[int, int]:
+    """Image `index`'s `target_sizes` entry as (height, width) ints; without target sizes, the size of `masks`."""
+    if target_sizes is None:
+        return tuple(masks.shape[-2:])
+    return tuple(int(value) for value in target_sizes[index])
+
+
+@torch.no_grad()
+def compute_segments(
+    mask_probs: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    size: tuple[int, int],
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+    label_ids_to_fuse: Collection[int] | None = None,
+    first_id: int = 1,
+) -> tuple[torch.Tensor, list[dict]]:
+    """
+    Non-overlapping segments of proposals (Q, h, w) with `scores` and `labels` (Q,) at `size` (H, W), by Mask2Former's
+    rule (see `post_process_panoptic_segmentation`): the (H, W) int32 map of segment ids (`first_id`, `first_id + 1`,
+    ...; `first_id - 1` where no segment is) and each segment's info. The proposals' probabilities are resized to
+    `size` (bilinear, `align_corners=False`) a chunk at a time, never all of them at once.
+    """
+    fused_labels = set(label_ids_to_fuse or ())
+    nothing = first_id - 1
+    num_proposals = mask_probs.shape[0]
+    if num_proposals == 0:
+        return torch.full(size, nothing, dtype=torch.int32, device=mask_probs.device), []
+    assigned = resized_argmax(mask_probs, size, weights=scores).long()
+    original_areas = torch.zeros(num_proposals, dtype=torch.long, device=mask_probs.device)
+    in_own_mask = torch.zeros(size, dtype=torch.bool, device=mask_probs.device)  # the pixel's proposal's probability >= mask_threshold
+    for start, resized in resized_chunks(mask_probs, size):
+        above = resized >= mask_threshold
+        original_areas[start : start + len(above)] = above.flatten(1).sum(1)
+        in_chunk = (assigned >= start) & (assigned < start + len(above))
+        local = (assigned - start).clamp(0, len(above) - 1)
+        in_own_mask |= in_chunk & above.gather(0, local[None])[0]
+    assigned_areas = torch.bincount(assigned.flatten(), minlength=num_proposals).tolist()
+    segment_areas = torch.bincount(assigned[in_own_mask], minlength=num_proposals).tolist()
+    original_areas = original_areas.tolist()
+
+    segment_of_proposal = [nothing] * num_proposals
+    segments_info, fused_segments = [], {}
+    for proposal, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
+        if original_areas[proposal] == 0 or segment_areas[proposal] == 0:
+            continue
+        if assigned_areas[proposal] / original_areas[proposal] < overlap_mask_area_threshold:
+            continue
+        if label in fused_segments:
+            segment = fused_segments[label]
+            segment["score"] = max(segment["score"], score)
+        else:
+            segment = {"id": first_id + len(segments_info), "label_id": label, "was_fused": label in fused_labels, "score": score}
+            segments_info.append(segment)
+            if label in fused_labels:
+                fused_segments[label] = segment
+        segment_of_proposal[proposal] = segment["id"]
+    segment_ids = torch.tensor(segment_of_proposal, dtype=torch.int32, device=mask_probs.device)
+    segmentation = torch.where(in_own_mask, segment_ids[assigned], torch.tensor(nothing, dtype=torch.int32, device=mask_probs.device))
+    return segmentation, segments_info
+
+
+@torch.no_grad()
+def binary_instance_maps(
+    mask_probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], mask_threshold: float
+) -> dict:
+    """The instances (Q, h, w) as (N, H, W) bool masks at `size` (probability resized bilinearly, `> mask_threshold`),
+    those left empty at `size` dropped, with their infos (ids 0 to N - 1)."""
+    masks = torch.cat([resized > mask_threshold for _, resized in resized_chunks(mask_probs, size)]) if len(mask_probs) else (
+        torch.zeros((0, *size), dtype=torch.bool, device=mask_probs.device)
+    )
+    present = masks.flatten(1).any(dim=1)
+    segments_info = [
+        {"id": instance, "label_id": label, "was_fused": False, "score": score}
+        for instance, (label, score) in enumerate(zip(labels[present].tolist(), scores[present].tolist()))
+    ]
+    return {"segmentation": masks[present], "segments_info": segments_info}
+
 
 def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, h, w) -> (C, height, width), bilinear (`align_corners=False`); each class is resized on its own."""
     return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def resized_chunks(scores: torch.Tensor, size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """`(start, resize_scores(scores[start : start + n], size))` for consecutive chunks of `scores` (C, h, w) that hold
+    at most `POSTPROCESS_CHUNK_ELEMENTS` elements once resized (at least one class each); not resized at the same size."""
+    height, width = size
+    per_chunk = max(1, POSTPROCESS_CHUNK_ELEMENTS // (height * width))
+    same_size = tuple(scores.shape[-2:]) == tuple(size)  # bilinear resizing to the same size is the identity
+    for start in range(0, scores.shape[0], per_chunk):
+        chunk = scores[start : start + per_chunk]
+        yield start, chunk if same_size else resize_scores(chunk, size)
+
+
 @torch.no_grad()
-def resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resized_argmax(scores: torch.Tensor, size: tuple[int, int], weights: torch.Tensor | None = None) -> torch.Tensor:
     """
-    `resize_scores(scores, size).argmax(dim=0)` as int32, equal to it (the first class wins ties) without the
-    (C, height, width) map: classes are resized a chunk at a time, each chunk's maximum (taken a band of rows at a
-    time, to keep its indices small) merged into a running one.
+    `(resize_scores(scores, size) * weights[:, None, None]).argmax(dim=0)` as int32 (no weights: 1), equal to it (the
+    first class wins ties) without the (C, height, width) map: classes are resized a chunk at a time, each chunk's
+    maximum (taken a band of rows at a time, to keep its indices small) merged into a running one.
     """
-    if tuple(scores.shape[-2:]) == tuple(size):  # bilinear resizing to the same size is the identity
+    if weights is None and tuple(scores.shape[-2:]) == tuple(size):
         return scores.argmax(dim=0).int()
     height, width = size
-    classes_per_chunk = max(1, POSTPROCESS_CHUNK_ELEMENTS // (height * width))
     rows_per_band = max(1, POSTPROCESS_BAND_PIXELS // width)
     best = torch.full(size, float("-inf"), dtype=scores.dtype, device=scores.device)
     labels = torch.zeros(size, dtype=torch.int32, device=scores.device)
-    for start in range(0, scores.shape[0], classes_per_chunk):
-        resized = resize_scores(scores[start : start + classes_per_chunk], size)
+    for start, resized in resized_chunks(scores, size):
+        if weights is not None:
+            resized = resized * weights[start : start + len(resized), None, None]
         for top in range(0, height, rows_per_band):
             band = slice(top, top + rows_per_band)
             values, indices = resized[:, band].max(dim=0)
@@ -802,6 +1035,14 @@ class MaftProcessor(ProcessorMixin):
     def post_process_mask_classification(self, *args, **kwargs) -> list:
         """See [`MaftImageProcessor.post_process_mask_classification`]."""
         return self.image_processor.post_process_mask_classification(*args, **kwargs)
+
+    def post_process_instance_segmentation(self, *args, **kwargs) -> list[dict]:
+        """See [`MaftImageProcessor.post_process_instance_segmentation`]."""
+        return self.image_processor.post_process_instance_segmentation(*args, **kwargs)
+
+    def post_process_panoptic_segmentation(self, *args, **kwargs) -> list[dict]:
+        """See [`MaftImageProcessor.post_process_panoptic_segmentation`]."""
+        return self.image_processor.post_process_panoptic_segmentation(*args, **kwargs)
 
 
 AutoImageProcessor.register(MaftConfig, MaftImageProcessor, exist_ok=True)

@@ -273,7 +273,7 @@ def test_the_pipeline_refuses_masks_that_do_not_fit(namer):
         namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks[:, :, :95])
     with pytest.raises(ValueError, match="one entry .* per image"):
         namer([image, image], candidate_labels=BUNDLED_CLASSES, masks=masks)
-    with pytest.raises(ValueError, match="`subtask` must be"):
+    with pytest.raises(ValueError, match="with `masks`, `subtask` is 'semantic' or not given"):
         namer(image, candidate_labels=BUNDLED_CLASSES, masks=masks, subtask="instance")
 
 
