@@ -72,7 +72,15 @@ def segment(arguments: argparse.Namespace) -> int:
 
     model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
     text_embeds = encode_vocabulary(model, processor, arguments.labels)  # once; a bad vocabulary fails once
-    segment_and_write = segment_files_writer(arguments, model, processor, text_embeds, stuff_label_ids, output)
+    sam = None
+    if arguments.proposals == "sam":
+        from maft.utils.sam_proposals import SamMaskGenerator
+
+        sam = SamMaskGenerator.from_pretrained(
+            arguments.sam_model, model.device, points_per_side=arguments.sam_points_per_side,
+            pred_iou_threshold=arguments.sam_pred_iou_threshold, stability_score_threshold=arguments.sam_stability_threshold,
+        )
+    segment_and_write = segment_files_writer(arguments, model, processor, text_embeds, stuff_label_ids, output, sam)
     failures = 0
     names = distinct_output_names(arguments.images)
     for image_path, name in zip(tqdm(arguments.images, desc="segmenting", unit="image"), names):
@@ -97,23 +105,34 @@ def check_stuff(task: str, stuff: list[str], labels: list[str]) -> set[int]:
     return {labels.index(name) for name in stuff}
 
 
-def segment_files_writer(arguments: argparse.Namespace, model, processor, text_embeds, stuff_label_ids: set[int], output: Path):
-    """`write(image, name, source)`: segments one image for --task and writes its files into `output`."""
-    from maft.inference import segment_image, segment_objects
+def segment_files_writer(arguments: argparse.Namespace, model, processor, text_embeds, stuff_label_ids: set[int], output: Path,
+                         sam=None):
+    """`write(image, name, source)`: segments one image for --task and writes its files into `output`; with `sam` (a
+    `SamMaskGenerator`), its masks are the proposals, each named by the model's IP-CLIP."""
+    from maft.inference import segment_image, segment_objects, segment_with_masks
     from maft.utils.output_files import write_instance_files, write_panoptic_files, write_segmentation_files
 
-    if arguments.task == "semantic":
-        def write(image, name: str, source: str) -> None:
-            label_map = segment_image(model, processor, image, text_embeds)
-            write_segmentation_files(output, name, image, label_map, arguments.labels, source=source)
-        return write
-
-    write_files = write_panoptic_files if arguments.task == "panoptic" else write_instance_files
     thresholds = {"threshold": arguments.threshold, "mask_threshold": arguments.mask_threshold,
                   "overlap_mask_area_threshold": arguments.overlap_mask_area_threshold}
 
+    def segmentation_of(image):
+        """The label map (semantic), or the segment ids and infos (instance, panoptic), of one image."""
+        if sam is not None:
+            objects = {} if arguments.task == "semantic" else {"stuff_label_ids": stuff_label_ids, **thresholds}
+            return segment_with_masks(model, processor, image, sam(image), text_embeds, arguments.task, **objects)
+        if arguments.task == "semantic":
+            return segment_image(model, processor, image, text_embeds)
+        return segment_objects(model, processor, image, text_embeds, arguments.task, stuff_label_ids, **thresholds)
+
+    if arguments.task == "semantic":
+        def write(image, name: str, source: str) -> None:
+            write_segmentation_files(output, name, image, segmentation_of(image), arguments.labels, source=source)
+        return write
+
+    write_files = write_panoptic_files if arguments.task == "panoptic" else write_instance_files
+
     def write(image, name: str, source: str) -> None:
-        segmentation, segments_info = segment_objects(model, processor, image, text_embeds, arguments.task, stuff_label_ids, **thresholds)
+        segmentation, segments_info = segmentation_of(image)
         write_files(output, name, image, segmentation, segments_info, arguments.labels, stuff_label_ids, source=source)
     return write
 
@@ -378,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         segmenter.add_argument(f"--{name}", type=unit_interval, default=default,
                                help=f"with --task panoptic or instance: {help_text} (default: {default})")
+    segmenter.add_argument("--proposals", default="maft", choices=["maft", "sam"],
+                           help="where the masks come from: maft, the model's own proposal generator; sam, Segment "
+                                "Anything's automatic masks (transformers' SamModel), each named by the model's IP-CLIP "
+                                "(default: maft)")
+    segmenter.add_argument("--sam-model", default="facebook/sam-vit-base",
+                           help="with --proposals sam: the SAM checkpoint, directory or Hub id (default: facebook/sam-vit-base)")
+    segmenter.add_argument("--sam-points-per-side", type=positive_int, default=32,
+                           help="with --proposals sam: the grid of point prompts is N x N (default: 32)")
+    segmenter.add_argument("--sam-pred-iou-threshold", type=float, default=0.88,
+                           help="with --proposals sam: lowest IoU SAM predicts for a mask it keeps (default: 0.88)")
+    segmenter.add_argument("--sam-stability-threshold", type=unit_interval, default=0.95,
+                           help="with --proposals sam: lowest stability of a mask it keeps (default: 0.95)")
     segmenter.set_defaults(handler=segment)
 
     trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)")

@@ -20,7 +20,7 @@ def render_overlay(
     present = [index for index in np.argsort(-counts) if counts[index] > 0]
     font = ImageFont.load_default()
     row_height, swatch, padding = 16, 12, 6
-    legend_width = padding * 3 + swatch + max(int(font.getlength(class_names[index])) for index in present)
+    legend_width = padding * 3 + swatch + max((int(font.getlength(class_names[index])) for index in present), default=0)
     canvas = Image.new("RGB", (overlay.width + legend_width, max(overlay.height, padding * 2 + row_height * len(present))), "white")
     canvas.paste(overlay, (0, 0))
     draw = ImageDraw.Draw(canvas)
