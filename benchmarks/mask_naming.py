@@ -15,7 +15,6 @@ Prints a markdown table and writes benchmarks/results/mask_naming.json.
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
+from common import interleaved_median_seconds  # noqa: E402
 from ipclip import VIT_B16  # noqa: E402
 from masked_crops import clip_normalized, masked_crop_class_logits  # noqa: E402
 
@@ -75,25 +75,11 @@ def namers(model, processor, image: np.ndarray, masks: np.ndarray, text_embeds: 
     return {"ipclip": ipclip, "per_crop": per_crop}
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure_seconds(runs: dict, num_masks: int, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each method, in interleaved rounds so that machine drift hits both alike."""
+    """Median seconds per call of each method, in interleaved rounds so that machine drift hits both alike; CLIP per
+    crop is timed once from K = 100 on (K CLIP passes: one call is enough to rank it)."""
     repeats_of = {method: 1 if method == "per_crop" and num_masks >= 100 else repeats for method in runs}
-    seconds = {method: [] for method in runs}
-    with torch.inference_mode():
-        for round_index in range(repeats):
-            for method, run in runs.items():
-                if round_index < repeats_of[method]:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    run()
-                    synchronize(device)
-                    seconds[method].append(time.perf_counter() - start)
-    return {method: statistics.median(values) for method, values in seconds.items()}
+    return interleaved_median_seconds(runs, repeats_of, device)
 
 
 def cpu_model_name() -> str:
