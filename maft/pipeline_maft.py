@@ -13,7 +13,7 @@ from transformers import Pipeline
 from .configuration_maft import HUB_PIPELINE_TASK as HUB_TASK
 from .configuration_maft import PIPELINE_TASK as TASK
 from .inference import encode_vocabulary, post_process_objects
-from .processing_maft import ImageLike, MaskLike, to_mask_array, to_rgb_array
+from .processing_maft import ImageLike, to_image_masks, to_rgb_array
 
 
 SUBTASKS = ("semantic", "instance", "panoptic")
@@ -142,21 +142,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         array = to_rgb_array(image, input_data_format="channels_last")
         model_inputs = {"image": array, "target_size": array.shape[:2]}
         if isinstance(inputs, dict):
-            model_inputs["masks"] = self.masks_of(inputs["masks"], array.shape[:2])
+            model_inputs["masks"] = to_image_masks(inputs["masks"], array.shape[:2])
         return model_inputs
-
-    @staticmethod
-    def masks_of(masks: MaskLike, image_size: tuple[int, int]) -> np.ndarray:
-        """An image's masks as (K, H, W) float32 in [0, 1] (see `to_mask_array`), checked to have the image's size."""
-        array = to_mask_array(masks)
-        if array.shape[0] == 0:
-            return np.zeros((0, *image_size), dtype=np.float32)
-        if array.shape[1:] != tuple(image_size):
-            raise ValueError(
-                f"the masks are {array.shape[2]}x{array.shape[1]} but the image is {image_size[1]}x{image_size[0]} "
-                "(width x height): give masks at the size of their image"
-            )
-        return array
 
     def text_embeddings(self, candidate_labels: tuple[str, ...]) -> torch.Tensor:
         """(num_labels, projection_dim) embeddings of `candidate_labels`, encoded on the first call for them only."""

@@ -210,6 +210,19 @@ def to_mask_array(masks: MaskLike, name: str = "masks") -> np.ndarray:
     return mask_values(array, name)
 
 
+def to_image_masks(masks: MaskLike, image_size: tuple[int, int], name: str = "the masks") -> np.ndarray:
+    """An image's masks (`to_mask_array`), which must have the image's (height, width): (num_masks, H, W) float32."""
+    array = to_mask_array(masks, name)
+    if array.shape[0] == 0:
+        return np.zeros((0, *image_size), dtype=np.float32)
+    if array.shape[1:] != tuple(image_size):
+        raise ValueError(
+            f"{name[:1].upper()}{name[1:]} are {array.shape[2]}x{array.shape[1]} but the image is {image_size[1]}x"
+            f"{image_size[0]} (width x height): give masks at the size of their image."
+        )
+    return array
+
+
 def mask_plane(mask, name: str) -> np.ndarray:
     """One (H, W) mask as an array (PIL images of mode "1" or "L", arrays, tensors)."""
     if isinstance(mask, Image.Image):
@@ -470,18 +483,8 @@ class MaftImageProcessor(BaseImageProcessor):
                 raise ValueError(f"Got {len(images)} images but masks for {len(masks)}: give one entry of masks per image.")
         else:
             masks = [masks]
-        arrays = []
-        for index, (image_masks, image) in enumerate(zip(masks, images)):
-            array = to_mask_array(image_masks, f"the masks of image {index}")
-            if array.shape[0] == 0:
-                array = np.zeros((0, *image.shape[:2]), dtype=np.float32)
-            elif array.shape[1:] != image.shape[:2]:
-                raise ValueError(
-                    f"The masks of image {index} are {array.shape[2]}x{array.shape[1]} but the image is "
-                    f"{image.shape[1]}x{image.shape[0]} (width x height): give masks at the size of their image."
-                )
-            arrays.append(array)
-        return arrays
+        return [to_image_masks(image_masks, image.shape[:2], f"the masks of image {index}")
+                for index, (image_masks, image) in enumerate(zip(masks, images))]
 
     def _preprocess(
         self,
@@ -1051,4 +1054,4 @@ AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
 MaftImageProcessor.register_for_auto_class("AutoImageProcessor")
 MaftProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_mask_array", "to_rgb_array"]
+__all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_image_masks", "to_mask_array", "to_rgb_array"]
