@@ -8,7 +8,7 @@
 4. runs two stage-2 training steps and one stage-1 step in bfloat16 mixed precision;
 5. times the full model (default MaftConfig, random weights, 150 classes, vocabulary cached) in each dtype, eager and
    compiled (images/s, peak memory), and IP-CLIP with Q mask proposals against a plain CLIP forward;
-6. times naming K given masks end to end (benchmarks/mask_naming.py): IP-CLIP in one pass against CLIP per masked crop.
+6. times naming Q given masks end to end (benchmarks/mask_naming.py): IP-CLIP in one pass against CLIP per masked crop.
 
     python benchmarks/gpu_check.py                  # on a CUDA machine; planned for under 6 minutes on one H100
     python benchmarks/gpu_check.py --device cpu ... # the same steps with the CPU kernel: checks the script itself
@@ -410,22 +410,20 @@ def time_ipclip(arguments) -> dict:
 
 
 def time_mask_naming(arguments) -> dict:
-    """Naming K = 10, 100, 500 given masks end to end in float32, IP-CLIP against CLIP per masked crop (see
-    benchmarks/mask_naming.py, whose model, image and masks these are)."""
+    """Naming `proposals` given masks end to end in float32 (benchmarks/mask_naming.py): IP-CLIP in one pass against
+    CLIP per masked crop, with the model of `--model-config` (random weights) and an image of `--image-size`."""
     import mask_naming
-    from maft import MaftImageProcessor, MaftProcessor
-    from maft.data.clip_tokenizer import load_clip_tokenizer
+    from maft import MaftModel
 
-    model = mask_naming.build_model(arguments.device)
-    processor = MaftProcessor(MaftImageProcessor(), load_clip_tokenizer())
-    image = np.random.default_rng(0).integers(0, 256, (mask_naming.IMAGE_SIZE, mask_naming.IMAGE_SIZE, 3), dtype=np.uint8)
-    text_embeds = torch.nn.functional.normalize(torch.randn(mask_naming.NUM_CLASSES, 512), dim=-1).to(arguments.device)
-    rows = []
-    for num_masks in (10, 100, 500):
-        runs = mask_naming.namers(model, processor, image, mask_naming.random_disc_masks(num_masks), text_embeds, arguments.device)
-        for method, run in runs.items():
-            rows.append({"method": f"{mask_naming.METHODS[method]}, K={num_masks}", "dtype": "float32",
-                         **timed_calls(run, arguments.repeats, arguments.device)})
+    config = model_config(arguments)
+    torch.manual_seed(0)
+    model = MaftModel(config).eval().to(arguments.device)
+    image = np.asarray(random_image(arguments.image_size))
+    text_embeds = torch.nn.functional.normalize(torch.randn(arguments.classes, config.projection_dim), dim=-1).to(arguments.device)
+    masks = mask_naming.random_disc_masks(arguments.proposals, arguments.image_size)
+    runs = mask_naming.namers(model, make_processor(arguments), image, masks, text_embeds, arguments.device)
+    rows = [{"method": f"{mask_naming.METHODS[method]}, K={arguments.proposals}", "dtype": "float32",
+             **timed_calls(run, arguments.repeats, arguments.device)} for method, run in runs.items()]
     return {"passed": all("error" not in row for row in rows), "rows": rows}
 
 
