@@ -1,8 +1,32 @@
 """Measurements shared by the benchmarks."""
 
 import contextlib
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_median_seconds(runs: dict[str, Callable[[], object]], repeats_of: dict[str, int], device: str) -> dict[str, float]:
+    """Median seconds per call of each of `runs`, `repeats_of[name]` calls each, timed in interleaved rounds (round r
+    calls every run with more than r repeats) so that machine drift hits all alike; in inference mode."""
+    seconds = {name: [] for name in runs}
+    with torch.inference_mode():
+        for round_index in range(max(repeats_of.values())):
+            for name, run in runs.items():
+                if round_index < repeats_of[name]:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    run()
+                    synchronize(device)
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def peak_memory_mib(run, device: str, inference: bool = True) -> float:

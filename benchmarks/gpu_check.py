@@ -7,7 +7,8 @@
 3. times forward and forward+backward of the kernel, the PyTorch reference and transformers' function;
 4. runs two stage-2 training steps and one stage-1 step in bfloat16 mixed precision;
 5. times the full model (default MaftConfig, random weights, 150 classes, vocabulary cached) in each dtype, eager and
-   compiled (images/s, peak memory), and IP-CLIP with Q mask proposals against a plain CLIP forward.
+   compiled (images/s, peak memory), and IP-CLIP with Q mask proposals against a plain CLIP forward;
+6. times naming Q given masks end to end (benchmarks/mask_naming.py): IP-CLIP in one pass against CLIP per masked crop.
 
     python benchmarks/gpu_check.py                  # on a CUDA machine; planned for under 6 minutes on one H100
     python benchmarks/gpu_check.py --device cpu ... # the same steps with the CPU kernel: checks the script itself
@@ -45,7 +46,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Largest error allowed, relative to the largest magnitude of the compared tensor: the rounding of a result to the
 # dtype, with room for the accumulation order of atomics.
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-STEPS = ("build", "tests", "parity", "gradcheck", "kernel_timings", "training", "model_eager", "ipclip", "model_compiled")
+STEPS = ("build", "tests", "parity", "gradcheck", "kernel_timings", "training", "model_eager", "ipclip", "model_compiled",
+         "mask_naming")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_eager": lambda arguments: time_model(arguments, compiled=False),
         "ipclip": time_ipclip,
         "model_compiled": lambda arguments: time_model(arguments, compiled=True),
+        "mask_naming": time_mask_naming,
     }
     check_started = time.perf_counter()
     for step in arguments.steps:
@@ -406,6 +409,24 @@ def time_ipclip(arguments) -> dict:
     return {"passed": all("error" not in row for row in rows), "clip_image_size": arguments.clip_image_size, "rows": rows}
 
 
+def time_mask_naming(arguments) -> dict:
+    """Naming `proposals` given masks end to end in float32 (benchmarks/mask_naming.py): IP-CLIP in one pass against
+    CLIP per masked crop, with the model of `--model-config` (random weights) and an image of `--image-size`."""
+    import mask_naming
+    from maft import MaftModel
+
+    config = model_config(arguments)
+    torch.manual_seed(0)
+    model = MaftModel(config).eval().to(arguments.device)
+    image = np.asarray(random_image(arguments.image_size))
+    text_embeds = torch.nn.functional.normalize(torch.randn(arguments.classes, config.projection_dim), dim=-1).to(arguments.device)
+    masks = mask_naming.random_disc_masks(arguments.proposals, arguments.image_size)
+    runs = mask_naming.namers(model, make_processor(arguments), image, masks, text_embeds, arguments.device)
+    rows = [{"method": f"{mask_naming.METHODS[method]}, K={arguments.proposals}", "dtype": "float32",
+             **timed_calls(run, arguments.repeats, arguments.device)} for method, run in runs.items()]
+    return {"passed": all("error" not in row for row in rows), "rows": rows}
+
+
 def training_batch(arguments, config, model):
     """A batch of one random image and label map on the device, and the vocabulary's text embeddings."""
     from maft.training import MaftTrainingCollator
@@ -491,7 +512,7 @@ def table_rows(step: str, result: dict) -> list[tuple[str, str]]:
                  f"{', '.join(f'{seconds:.2f}' for seconds in stage_result['step_seconds'])} s"
                  + (f"; peak {stage_result['peak_memory_mib']:.0f} MiB" if stage_result["peak_memory_mib"] is not None else ""))
                 for stage, stage_result in result["stages"].items()]
-    label = {"model_eager": "model, eager", "model_compiled": "model, compiled", "ipclip": ""}[step]
+    label = {"model_eager": "model, eager", "model_compiled": "model, compiled", "ipclip": "", "mask_naming": ""}[step]
     return [(f"{row.get('method', label)}, {row['dtype']}", timing_summary(row)) for row in result["rows"]]
 
 

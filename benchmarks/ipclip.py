@@ -11,9 +11,7 @@ Prints a markdown table and writes benchmarks/results/ipclip.json.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from common import peak_memory_mib  # noqa: E402
+from common import interleaved_median_seconds, peak_memory_mib  # noqa: E402
 
 METHODS = {
     "ipclip": "IP-CLIP (ours: split attention)",
@@ -31,20 +29,16 @@ METHODS = {
 }
 
 
+# CLIP ViT-B/16's vision tower (MAFT's default IP-CLIP), for random weights of its size
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+               patch_size=16, projection_dim=512)
+
+
 def build_model(device: str):
     from maft import MaftClipVisionConfig, MaftClipVisionModel
 
-    config = MaftClipVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
     torch.manual_seed(0)
-    return MaftClipVisionModel(config).eval().to(device)
+    return MaftClipVisionModel(MaftClipVisionConfig(**VIT_B16)).eval().to(device)
 
 
 def random_blob_masks(num_proposals: int, size: int = 120) -> torch.Tensor:
@@ -67,29 +61,15 @@ def proposal_embedders(model, pixel_values: torch.Tensor, masks: torch.Tensor) -
     }
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure_seconds(model, num_proposals: int, repeats: int, device: str) -> dict[str, float]:
     """Median time per call of each method, timed in interleaved rounds so that machine drift hits all alike."""
     runs = proposal_embedders(model, torch.randn(1, 3, 480, 480, device=device), random_blob_masks(num_proposals).to(device))
-    # The per-mask baseline runs Q full CLIP passes: fewer timed calls are enough to rank it.
-    repeats_of = {method: 1 if method == "per_mask" and num_proposals >= 100 else repeats for method in runs}
-    seconds = {method: [] for method in runs}
     with torch.inference_mode():
         for run in runs.values():
             run()  # warm-up
-        for round_index in range(repeats):
-            for method, run in runs.items():
-                if round_index < repeats_of[method]:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    run()
-                    synchronize(device)
-                    seconds[method].append(time.perf_counter() - start)
-    return {method: statistics.median(values) for method, values in seconds.items()}
+    # The per-mask baseline runs Q full CLIP passes: fewer timed calls are enough to rank it.
+    repeats_of = {method: 1 if method == "per_mask" and num_proposals >= 100 else repeats for method in runs}
+    return interleaved_median_seconds(runs, repeats_of, device)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "MaftDeepLabResNetConfig": "configuration_maft",
     "MaftClipVisionModel": "modeling_maft",
     "MaftClipVisionModelOutput": "modeling_maft",
+    "MaftMaskClassificationOutput": "modeling_maft",
     "MaftModel": "modeling_maft",
     "MaftModelOutput": "modeling_maft",
     "MaftImageProcessor": "processing_maft",
@@ -33,7 +34,13 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .configuration_maft import MaftClipVisionConfig, MaftConfig, MaftDeepLabResNetConfig
     from .conversion.convert_original_maft_checkpoint import convert_original_checkpoint
-    from .modeling_maft import MaftClipVisionModel, MaftClipVisionModelOutput, MaftModel, MaftModelOutput
+    from .modeling_maft import (
+        MaftClipVisionModel,
+        MaftClipVisionModelOutput,
+        MaftMaskClassificationOutput,
+        MaftModel,
+        MaftModelOutput,
+    )
     from .pipeline_maft import ZeroShotImageSegmentationPipeline
     from .processing_maft import MaftImageProcessor, MaftProcessor
 

@@ -803,6 +803,29 @@ class MaftModelOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
 
 
+@dataclass
+class MaftMaskClassificationOutput(ModelOutput):
+    r"""
+    Output of [`MaftModel.classify_masks`]: given masks named by IP-CLIP.
+
+    class_logits (`torch.FloatTensor` of shape `(batch_size, num_masks, num_classes + 1)`):
+        IP-CLIP's logits `logit_scale * cos(f_k, [T; no-object])` of each mask k, as `MaftModelOutput.clip_class_logits`
+        for MAFT's proposals. `softmax(class_logits[..., :-1])` are the class scores: MAFT names its proposals without
+        the no-object entry (`MaftImageProcessor.post_process_mask_classification`).
+    mask_embeds (`torch.FloatTensor` of shape `(batch_size, num_masks, projection_dim)`):
+        The L2-normalised IP-CLIP embedding f_k of each mask.
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, num_classes, projection_dim)`):
+        The L2-normalised, template-ensembled class text embeddings T.
+    real_masks (`torch.BoolTensor` of shape `(batch_size, num_masks)`, *optional*):
+        Passed through: `True` for the given masks, `False` for the padding of images with fewer masks than others.
+    """
+
+    class_logits: torch.FloatTensor | None = None
+    mask_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    real_masks: torch.BoolTensor | None = None
+
+
 class MaftPreTrainedModel(MaftWeightsFileErrorsMixin, PreTrainedModel):
     config: MaftConfig
     config_class = MaftConfig
@@ -1004,6 +1027,54 @@ class MaftModel(MaftPreTrainedModel):
             for embeds, masks in self.decoder(multi_scale_features, mask_features)
         ]
 
+    @can_return_tuple
+    def classify_masks(
+        self,
+        clip_pixel_values: torch.Tensor,
+        masks: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        real_masks: torch.Tensor | None = None,
+    ) -> MaftMaskClassificationOutput:
+        r"""
+        Names given masks (the user's own, or Segment Anything's) with MAFT's IP-CLIP and text encoder: one IP-CLIP
+        pass per image for all its masks. The proposal generator is not run, so there is no ensemble with it: the
+        classification is IP-CLIP's, as MAFT's with `ensemble_weight=0`.
+
+        clip_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, clip_height, clip_width)`):
+            The images as IP-CLIP sees them (`MaftProcessor(images=..., masks=...)`).
+        masks (`torch.Tensor` of shape `(batch_size, num_masks, mask_height, mask_width)`):
+            Per image, masks (booleans or probabilities in [0, 1]) on the CLIP view, at any resolution: IP-CLIP resizes
+            them to its patch grid (bilinear) and keeps the patches >= `config.vision_config.mask_threshold`.
+            `num_masks` may be 0. The processor brings masks given at the image's size to the CLIP view.
+        input_ids, attention_mask (`torch.LongTensor`, *optional*):
+            The class names in every prompt template, tokenised (`MaftProcessor`), as in `forward`. Or give `text_embeds`.
+        text_embeds (`torch.FloatTensor` of shape `(num_classes, projection_dim)` or `(batch_size, num_classes, projection_dim)`, *optional*):
+            L2-normalised class embeddings (`get_text_embeddings`), computed once per vocabulary.
+        real_masks (`torch.BoolTensor` of shape `(batch_size, num_masks)`, *optional*):
+            `True` for given masks, `False` for padding (images of a batch with fewer masks); passed through to the
+            output for post-processing. Padding masks are classified like any other, and post-processing drops them.
+
+        Classifying masks is its own method rather than a `mask_proposals=` branch of `forward`, as transformers'
+        `OwlViTForObjectDetection.image_guided_detection` is beside its `forward`: it needs neither the backbone's
+        `pixel_values` that `forward` requires nor the proposal generator, and returns another output.
+        """
+        if clip_pixel_values.dim() != 4:
+            raise ValueError(f"`clip_pixel_values` must be (batch_size, 3, height, width), got {tuple(clip_pixel_values.shape)}.")
+        check_finite_images("clip_pixel_values", clip_pixel_values)
+        if real_masks is not None and tuple(real_masks.shape) != tuple(masks.shape[:2]):
+            raise ValueError(
+                f"`real_masks` must be (batch_size, num_masks) = {tuple(masks.shape[:2])} like the masks, got {tuple(real_masks.shape)}."
+            )
+        text_embeds = self._class_text_embeddings(input_ids, attention_mask, text_embeds, clip_pixel_values.shape[0])
+        mask_embeds = self.ip_clip(clip_pixel_values, mask_proposals=masks, interpolate_pos_encoding=True).proposal_embeds
+        return MaftMaskClassificationOutput(
+            class_logits=self.class_logits(mask_embeds, text_embeds),
+            mask_embeds=F.normalize(mask_embeds, dim=-1),
+            text_embeds=text_embeds,
+            real_masks=None if real_masks is None else real_masks.bool(),
+        )
 
     @can_return_tuple
     def forward(
@@ -1195,6 +1266,7 @@ MaftClipVisionModel.register_for_auto_class("AutoModel")
 __all__ = [
     "MaftClipVisionModel",
     "MaftClipVisionModelOutput",
+    "MaftMaskClassificationOutput",
     "MaftModel",
     "MaftModelOutput",
     "MaftPreTrainedModel",

@@ -4,7 +4,7 @@ panoptic segmentations."""
 import math
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ CONFIG_METADATA_KEYS = {"image_processor_type", "processor_class", "feature_extr
 # reduces them over classes in bands of rows of about this many pixels.
 POSTPROCESS_CHUNK_ELEMENTS = 2**24
 POSTPROCESS_BAND_PIXELS = 2**20
+
+# Masks to name are brought to the CLIP view this many at a time (bounding the masks held at the resized size).
+MASKS_PER_CHUNK = 32
 
 
 # The 14 prompt templates every class name is put into (ViLD's, as MAFT uses: DESIGN.md §2).
@@ -180,6 +183,79 @@ def to_label_array(label_map: ImageLike, name: str = "segmentation map") -> np.n
     return array.astype(np.int64)
 
 
+MaskLike = np.ndarray | torch.Tensor | Sequence[Image.Image | np.ndarray | torch.Tensor]
+
+
+def to_mask_array(masks: MaskLike, name: str = "masks") -> np.ndarray:
+    """
+    One image's masks -> (num_masks, H, W) float32 in [0, 1]. `masks` is a (num_masks, H, W) array or tensor, or a
+    list of (H, W) masks (PIL images of mode "1" or "L", arrays, tensors); an empty list is no masks. Booleans and
+    floats in [0, 1] are taken as they are (soft masks stay soft); 8-bit data (integers, "L" images) holding only 0
+    and 1 is binary, otherwise on the 0-255 scale of an "L" image. `name` is how errors call the masks.
+    """
+    if isinstance(masks, (list, tuple)):
+        if not masks:
+            return np.zeros((0, 0, 0), dtype=np.float32)
+        planes = [mask_plane(mask, f"{name}[{index}]") for index, mask in enumerate(masks)]
+        if len({plane.shape for plane in planes}) > 1:
+            raise ValueError(f"{name} must all have one size, got {sorted({plane.shape[::-1] for plane in planes})} (width, height).")
+        array = np.stack(planes)
+    else:
+        array = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        if array.ndim != 3:
+            raise ValueError(
+                f"{name} must be (num_masks, height, width) or a list of (height, width) masks, got shape {array.shape}; "
+                "give a single mask as mask[None] or [mask]."
+            )
+    return mask_values(array, name)
+
+
+def to_image_masks(masks: MaskLike, image_size: tuple[int, int], name: str = "the masks") -> np.ndarray:
+    """An image's masks (`to_mask_array`), which must have the image's (height, width): (num_masks, H, W) float32."""
+    array = to_mask_array(masks, name)
+    if array.shape[0] == 0:
+        return np.zeros((0, *image_size), dtype=np.float32)
+    if array.shape[1:] != tuple(image_size):
+        raise ValueError(
+            f"{name[:1].upper()}{name[1:]} are {array.shape[2]}x{array.shape[1]} but the image is {image_size[1]}x"
+            f"{image_size[0]} (width x height): give masks at the size of their image."
+        )
+    return array
+
+
+def mask_plane(mask, name: str) -> np.ndarray:
+    """One (H, W) mask as an array (PIL images of mode "1" or "L", arrays, tensors)."""
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("1", "L"):
+            raise ValueError(f"{name} is a PIL image of mode {mask.mode!r}; masks are mode '1' or 'L' (convert('L')).")
+        return np.asarray(mask)
+    array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be one (height, width) mask, got shape {array.shape}.")
+    return array
+
+
+def mask_values(array: np.ndarray, name: str) -> np.ndarray:
+    """(num_masks, H, W) booleans, integers or floats -> float32 in [0, 1] (see `to_mask_array`)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} hold NaN or infinite values.")
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError(
+                f"{name} hold values in [{array.min():.3g}, {array.max():.3g}]; float masks are probabilities in [0, 1] "
+                "(apply a sigmoid to logits, or threshold them)."
+            )
+        return array.astype(np.float32)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold booleans or numbers, got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"{name} hold integers in [{array.min()}, {array.max()}]; integer masks hold 0 and 1, or 0-255.")
+    scale = 1.0 if array.max(initial=0) <= 1 else 255.0
+    return (array / scale).astype(np.float32)
+
+
 def as_list(inputs, single_ndim: int) -> list:
     """One input or a batch (a list, or an array or tensor with one more dimension than a single input) -> a list."""
     if isinstance(inputs, (list, tuple)):
@@ -187,6 +263,18 @@ def as_list(inputs, single_ndim: int) -> list:
     if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == single_ndim + 1:
         return list(inputs)
     return [inputs]
+
+
+def pad_mask_sets(data: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Per-image `masks` (num_masks, h, w) and `real_masks` (num_masks,) padded with empty, unreal masks to the most
+    masks of any image, so that they stack; other keys unchanged."""
+    most = max(len(masks) for masks in data["masks"])
+    padding = [most - len(masks) for masks in data["masks"]]
+    return {
+        **data,
+        "masks": [np.pad(masks, ((0, extra), (0, 0), (0, 0))) for masks, extra in zip(data["masks"], padding)],
+        "real_masks": [np.pad(real, (0, extra)) for real, extra in zip(data["real_masks"], padding)],
+    }
 
 
 def round_up(size: Sequence[int], divisor: int) -> tuple[int, int]:
@@ -254,7 +342,7 @@ class MaftImageProcessor(BaseImageProcessor):
     standard deviations on the 0-255 scale) load as their equivalent and give the same pixel values.
     """
 
-    model_input_names = ["pixel_values", "pixel_mask", "clip_pixel_values", "image_sizes", "clip_view_sizes"]
+    model_input_names = ["pixel_values", "pixel_mask", "clip_pixel_values", "image_sizes", "clip_view_sizes", "masks", "real_masks"]
     valid_kwargs = MaftImageProcessorKwargs
 
     do_resize = True
@@ -341,20 +429,34 @@ class MaftImageProcessor(BaseImageProcessor):
         if kwargs["return_tensors"] not in (None, "np", "pt"):
             raise ValueError(f"`return_tensors` must be None, 'np' or 'pt', got {kwargs['return_tensors']!r}.")
 
-    def preprocess(self, images, segmentation_maps=None, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
+    def preprocess(
+        self, images, segmentation_maps=None, masks=None, return_tensors: str | TensorType | None = "pt", **kwargs
+    ) -> BatchFeature:
         """
         Images (a path, PIL image, (H, W[, 3]) or (3, H, W) array or tensor, a list of those, or a 4-D batch) and
         optional label maps -> `pixel_values` (B, 3, H, W), `pixel_mask` (B, H, W), `clip_pixel_values`
         (B, 3, clip_image_size, clip_image_size), `image_sizes` (B, 2) (and `labels` (B, H, W)). `return_tensors`:
         "pt" (the default) or "np" for stacked arrays, None for lists of per-image arrays.
+
+        With `masks` (per image, masks at the image's size to name with `MaftModel.classify_masks`; see
+        `to_mask_array` for what they may be; for a batch, a list with one entry per image), the inputs of
+        `classify_masks` instead: `clip_pixel_values`, `masks` (B, num_masks, clip_image_size, clip_image_size), each
+        mask brought to the CLIP view as its image is (resized, zero-padded, resized to the square), and `real_masks`
+        (B, num_masks), False where an image with fewer masks than the batch's most is padded with empty masks.
         """
         self._refuse_unknown_keys(kwargs)
-        return super().preprocess(images, image_like_kwargs={"segmentation_maps": segmentation_maps}, return_tensors=return_tensors, **kwargs)
+        image_like_kwargs = {"segmentation_maps": segmentation_maps, "masks": masks}
+        return super().preprocess(images, image_like_kwargs=image_like_kwargs, return_tensors=return_tensors, **kwargs)
 
-    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, input_data_format=None, **kwargs) -> BatchFeature:
+    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, masks=None, input_data_format=None, **kwargs) -> BatchFeature:
+        batched = isinstance(images, (list, tuple)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
         images = [to_rgb_array(image, f"image {index}", input_data_format) for index, image in enumerate(as_list(images, 3))]
         if not images:
             raise ValueError("No images given.")
+        if masks is not None:
+            if segmentation_maps is not None:
+                raise ValueError("Give `segmentation_maps` (training and evaluation) or `masks` (to name them), not both.")
+            masks = self._masks_of_each_image(masks, images, batched)
         if segmentation_maps is not None:
             segmentation_maps = [
                 to_label_array(labels, f"segmentation map {index}") for index, labels in enumerate(as_list(segmentation_maps, 2))
@@ -367,12 +469,28 @@ class MaftImageProcessor(BaseImageProcessor):
                         f"Segmentation map {index} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                         f"{image.shape[1]}x{image.shape[0]}: they must have the same size."
                     )
-        return self._preprocess(images, segmentation_maps, **kwargs)
+        return self._preprocess(images, segmentation_maps, masks, **kwargs)
+
+    @staticmethod
+    def _masks_of_each_image(masks, images: list[np.ndarray], batched: bool) -> list[np.ndarray]:
+        """Each image's masks as (num_masks, H, W) float32 of its size (`to_mask_array`); for a batch of images,
+        `masks` holds one entry per image."""
+        if batched:
+            if not isinstance(masks, (list, tuple)) and not (isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 4):
+                raise ValueError("For a batch of images, `masks` must be a list with one entry (that image's masks) per image.")
+            masks = list(masks)
+            if len(masks) != len(images):
+                raise ValueError(f"Got {len(images)} images but masks for {len(masks)}: give one entry of masks per image.")
+        else:
+            masks = [masks]
+        return [to_image_masks(image_masks, image.shape[:2], f"the masks of image {index}")
+                for index, (image_masks, image) in enumerate(zip(masks, images))]
 
     def _preprocess(
         self,
         images: list[np.ndarray],
         segmentation_maps: list[np.ndarray] | None,
+        masks: list[np.ndarray] | None,
         do_resize: bool,
         size: SizeDict,
         do_rescale: bool,
@@ -394,8 +512,8 @@ class MaftImageProcessor(BaseImageProcessor):
                 "It looks like you are trying to rescale already rescaled images. If the input images have pixel "
                 "values between 0 and 1, set `do_rescale=False` to avoid rescaling them again."
             )
+        sizes = [self.resized_size(*image.shape[:2], size) if do_resize else image.shape[:2] for image in images]
         if do_resize:
-            sizes = [self.resized_size(*image.shape[:2], size) for image in images]
             images = [resize_image(image, image_size) for image, image_size in zip(images, sizes)]
             if segmentation_maps is not None:
                 segmentation_maps = [resize_label_map(labels, image_size) for labels, image_size in zip(segmentation_maps, sizes)]
@@ -410,10 +528,17 @@ class MaftImageProcessor(BaseImageProcessor):
         normalize = dict(do_rescale=do_rescale, rescale_factor=rescale_factor, do_normalize=do_normalize)
         clip_images = [self.rescale_and_normalize(image, clip_image_mean, clip_image_std, **normalize) for image in images]
         clip_view_sizes = [round_up(image_size, size_divisor if do_pad else 1) if per_image_clip_view else padded_size for image_size in image_sizes]
+        clip_pixel_values = [self.clip_view(image, size, clip_image_size) for image, size in zip(clip_images, clip_view_sizes)]
+        if masks is not None:
+            masks = [self.masks_on_clip_view(*arguments, clip_image_size) for arguments in zip(masks, sizes, clip_view_sizes)]
+            data = {"clip_pixel_values": clip_pixel_values, "masks": masks, "real_masks": [np.ones(len(m), dtype=bool) for m in masks]}
+            if return_tensors is not None:
+                data = {key: np.stack(values) for key, values in pad_mask_sets(data).items()}
+            return BatchFeature(data=data, tensor_type=return_tensors)
         data = {
             "pixel_values": [pad_to(self.rescale_and_normalize(image, image_mean, image_std, **normalize), padded_size) for image in images],
             "pixel_mask": [pad_to(np.ones(image_size, dtype=np.int64), padded_size) for image_size in image_sizes],
-            "clip_pixel_values": [self.clip_view(image, size, clip_image_size) for image, size in zip(clip_images, clip_view_sizes)],
+            "clip_pixel_values": clip_pixel_values,
             "image_sizes": [np.array(image_size, dtype=np.int64) for image_size in image_sizes],
             # the region of the padded batch each CLIP view shows, with which the model aligns IP-CLIP's masks
             "clip_view_sizes": [np.array(view_size, dtype=np.int64) for view_size in clip_view_sizes],
@@ -450,6 +575,23 @@ class MaftImageProcessor(BaseImageProcessor):
         padded = torch.from_numpy(pad_to(image, padded_size))
         return F.interpolate(padded[None], size=(clip_image_size, clip_image_size), mode="bilinear", align_corners=False)[0].numpy()
 
+    @classmethod
+    def masks_on_clip_view(
+        cls, masks: np.ndarray, resized_size: tuple[int, int], view_size: tuple[int, int], clip_image_size: int
+    ) -> np.ndarray:
+        """
+        An image's masks (num_masks, H, W) in [0, 1] as its CLIP view shows them: resized to the image's resized size
+        as a float image is (`resize_image`), zero-padded to `view_size` and resized to the square CLIP input
+        (`clip_view`) -> (num_masks, clip_image_size, clip_image_size). A few masks at a time, so that the masks at
+        the resized size are never all held at once.
+        """
+        views = [np.zeros((0, clip_image_size, clip_image_size), dtype=np.float32)]
+        for start in range(0, len(masks), MASKS_PER_CHUNK):
+            chunk = masks[start : start + MASKS_PER_CHUNK]
+            resized = resize_image(np.ascontiguousarray(chunk.transpose(1, 2, 0)), tuple(resized_size)).transpose(2, 0, 1)
+            views.append(cls.clip_view(resized, view_size, clip_image_size))
+        return np.concatenate(views)
+
     def post_process_semantic_segmentation(
         self,
         outputs,
@@ -485,6 +627,28 @@ class MaftImageProcessor(BaseImageProcessor):
                 results.append(SemanticSegmentationPostProcessorOutput(data={"segmentation": segmentation, "segmentation_scores": scores}))
             else:
                 results.append(segmentation)
+        return results
+
+    def post_process_mask_classification(self, outputs) -> list[list[dict[str, Any]]]:
+        """
+        The names of given masks (`MaftModel.classify_masks`): per image, per mask in the order given (padding
+        dropped, by `outputs.real_masks`), `{"label_id": int, "score": float, "scores": (num_classes,) tensor}`, where
+        `scores = softmax(class_logits[..., :-1])` (MAFT names its proposals without the no-object entry),
+        `label_id` its argmax and `score` the probability of that class.
+        """
+        scores = outputs.class_logits[..., :-1].detach().float().softmax(dim=-1)
+        real_masks = getattr(outputs, "real_masks", None)
+        results = []
+        for index, image_scores in enumerate(scores):
+            if real_masks is not None:
+                image_scores = image_scores[real_masks[index].to(image_scores.device)]
+            best_scores, label_ids = image_scores.max(dim=-1)
+            results.append(
+                [
+                    {"label_id": int(label_id), "score": float(score), "scores": mask_scores}
+                    for label_id, score, mask_scores in zip(label_ids, best_scores, image_scores)
+                ]
+            )
         return results
 
     def proposal_masks(self, outputs, index: int, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -567,7 +731,8 @@ class MaftImageProcessor(BaseImageProcessor):
             in_mask = masks > mask_threshold
             mask_quality = (masks * in_mask).flatten(1).sum(1) / (in_mask.flatten(1).sum(1) + 1e-6)
             scores = class_scores * mask_quality
-            kept = scores >= threshold
+            kept = (scores >= threshold).nonzero()[:, 0]
+            kept = kept[scores[kept].argsort(descending=True, stable=True)]
             masks, scores, labels = masks[kept], scores[kept], labels[kept]
             target_size = output_size(target_sizes, index, masks)
             if return_binary_maps:
@@ -796,9 +961,17 @@ class MaftProcessor(ProcessorMixin):
             raise ValueError("Every prompt template must be a string containing '{}' where the class name goes.")
         super().__init__(image_processor, tokenizer)
 
-    def __call__(self, images=None, text=None, segmentation_maps=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, text=None, segmentation_maps=None, masks=None, return_tensors: str | None = "pt", **kwargs
+    ) -> BatchFeature:
+        """
+        `images` (and their `segmentation_maps`, or their `masks` to name) as [`MaftImageProcessor`] prepares them,
+        and `text` (class names) as `tokenize_class_names` does.
+        """
         if images is None and text is None:
             raise ValueError("Give `images`, `text` (class names), or both.")
+        if images is None and masks is not None:
+            raise ValueError("`masks` need their `images`: give both.")
         text_keys = set(MaftProcessorKwargs.__annotations__["text_kwargs"].__annotations__)
         image_keys = set(self.image_processor.valid_kwargs.__annotations__)
         unknown = sorted(set(kwargs) - text_keys - image_keys - {"text_kwargs", "images_kwargs"})
@@ -811,7 +984,7 @@ class MaftProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             images_kwargs = {**routed["images_kwargs"], "return_tensors": return_tensors}
-            data.update(self.image_processor(images, segmentation_maps=segmentation_maps, **images_kwargs))
+            data.update(self.image_processor(images, segmentation_maps=segmentation_maps, masks=masks, **images_kwargs))
         if text is not None:
             data.update(self.tokenize_class_names(text, **{**routed["text_kwargs"], "return_tensors": return_tensors}))
         return BatchFeature(data=data)
@@ -873,6 +1046,10 @@ class MaftProcessor(ProcessorMixin):
         """See [`MaftImageProcessor.post_process_semantic_segmentation`]."""
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
 
+    def post_process_mask_classification(self, *args, **kwargs) -> list:
+        """See [`MaftImageProcessor.post_process_mask_classification`]."""
+        return self.image_processor.post_process_mask_classification(*args, **kwargs)
+
     def post_process_instance_segmentation(self, *args, **kwargs) -> list[dict]:
         """See [`MaftImageProcessor.post_process_instance_segmentation`]."""
         return self.image_processor.post_process_instance_segmentation(*args, **kwargs)
@@ -888,4 +1065,4 @@ AutoProcessor.register(MaftConfig, MaftProcessor, exist_ok=True)
 MaftImageProcessor.register_for_auto_class("AutoImageProcessor")
 MaftProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_rgb_array"]
+__all__ = ["VILD_PROMPT_TEMPLATES", "MaftImageProcessor", "MaftProcessor", "to_image_masks", "to_mask_array", "to_rgb_array"]

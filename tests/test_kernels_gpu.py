@@ -56,8 +56,9 @@ def test_gpu_check_runs_every_step_with_the_cpu_kernel(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["build", "tests", "parity", "gradcheck", "kernel_timings", "training", "model_eager", "ipclip",
-                           "model_compiled"]
+                           "model_compiled", "mask_naming"]
     assert all(step.get("passed", True) for step in steps.values())
+    assert [row["method"].split(",")[0] for row in steps["mask_naming"]["rows"]] == ["IP-CLIP", "CLIP per masked crop"]
     assert steps["build"]["build_seconds"] > 0
     assert "skipped" in steps["tests"]["summary"]
     parity_cases = {(row["case"], row["dtype"], row["against"]) for row in steps["parity"]["rows"]}

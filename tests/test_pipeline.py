@@ -127,3 +127,86 @@ def test_import_maft_is_enough_for_auto_model_and_the_pipeline(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["maft.modeling_maft", "maft.pipeline_maft"]
+
+
+SHAPES = ["red circle", "green circle", "yellow triangle", "yellow square", "blue square"]
+STUFF = ["checkered wall", "checkered grass", "dotted floor", "striped floor"]
+
+
+def processor_result(segmenter, image: Image.Image, labels: list[str], subtask: str, **options) -> dict:
+    """The processor's own post-processing of the model's outputs for `image`, at the image's size."""
+    model, processor = segmenter.model, segmenter.processor
+    inputs = processor(images=image, return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**inputs, text_embeds=encode_vocabulary(model, processor, labels))
+    post_process = getattr(processor, f"post_process_{subtask}_segmentation")
+    return post_process(outputs, target_sizes=[(image.height, image.width)], **options)[0]
+
+
+@pytest.mark.parametrize("subtask", ["instance", "panoptic"])
+def test_instance_and_panoptic_segments_are_the_processors_as_masks(segmenter, subtask):
+    image, labels = scene(0), SHAPES + STUFF
+    stuff_ids = {labels.index(name) for name in STUFF}
+    options = {"label_ids_to_fuse": stuff_ids} if subtask == "panoptic" else {"stuff_label_ids": stuff_ids}
+    expected = processor_result(segmenter, image, labels, subtask, threshold=0.3, **options)
+    segments = segmenter(image, candidate_labels=labels, subtask=subtask, stuff_labels=STUFF, threshold=0.3)
+    assert len(segments) == len(expected["segments_info"]) >= 2
+    for segment, info in zip(segments, expected["segments_info"]):
+        assert set(segment) == {"label", "score", "mask"} and segment["mask"].size == image.size
+        assert segment["label"] == labels[info["label_id"]] and segment["score"] == info["score"]
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) == 255, (expected["segmentation"] == info["id"]).numpy())
+    masks = np.stack([np.asarray(segment["mask"]) == 255 for segment in segments])
+    assert (masks.sum(axis=0) <= 1).all(), "segments are disjoint"
+
+
+def test_panoptic_gives_instances_of_things_and_one_segment_per_stuff_class(segmenter):
+    """Scene 0: a green circle and a yellow shape on checkered wall and grass; scene 3: two proposals of its grass."""
+    segments = segmenter(scene(0), candidate_labels=SHAPES + STUFF, subtask="panoptic", stuff_labels=STUFF, threshold=0.3)
+    assert {"checkered wall", "checkered grass", "green circle"} <= {segment["label"] for segment in segments}
+    as_things = segmenter(scene(3), candidate_labels=SHAPES + STUFF, subtask="panoptic", threshold=0.3)
+    fused = segmenter(scene(3), candidate_labels=SHAPES + STUFF, subtask="panoptic", stuff_labels=STUFF, threshold=0.3)
+    assert [segment["label"] for segment in as_things].count("checkered grass") == 2
+    assert [segment["label"] for segment in fused].count("checkered grass") == 1
+    grass = [np.asarray(segment["mask"]) == 255 for segment in as_things if segment["label"] == "checkered grass"]
+    (fused_grass,) = [np.asarray(segment["mask"]) == 255 for segment in fused if segment["label"] == "checkered grass"]
+    np.testing.assert_array_equal(fused_grass, grass[0] | grass[1])
+
+
+def test_instance_segments_leave_out_stuff_and_come_best_first(segmenter):
+    segments = segmenter(scene(3), candidate_labels=SHAPES + STUFF, subtask="instance", stuff_labels=STUFF, threshold=0.3)
+    assert segments and not {segment["label"] for segment in segments} & set(STUFF)
+    assert [segment["score"] for segment in segments] == sorted((segment["score"] for segment in segments), reverse=True)
+    everything = segmenter(scene(3), candidate_labels=SHAPES + STUFF, subtask="instance", threshold=0.3)
+    assert {segment["label"] for segment in everything} & set(STUFF)
+
+
+def test_the_semantic_subtask_is_the_default(segmenter):
+    default = segmenter(scene(4), candidate_labels=LABELS)
+    semantic = segmenter(scene(4), candidate_labels=LABELS, subtask="semantic")
+    assert [s["label"] for s in default] == [s["label"] for s in semantic]
+    np.testing.assert_array_equal(label_map_of(default, LABELS), label_map_of(semantic, LABELS))
+
+
+def test_thresholds_reach_the_post_processing(segmenter):
+    loose = segmenter(scene(0), candidate_labels=SHAPES + STUFF, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.0)
+    strict = segmenter(scene(0), candidate_labels=SHAPES + STUFF, subtask="panoptic", threshold=0.99)
+    assert len(loose) > len(strict)
+    nothing = segmenter(scene(0), candidate_labels=SHAPES + STUFF, subtask="instance", threshold=1.0)
+    assert nothing == []
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"subtask": "detection"}, "`subtask` must be one of semantic, instance, panoptic, got 'detection'"),
+    ({"subtask": "panoptic", "stuff_labels": ["sky"]}, r"`stuff_labels` must be among `candidate_labels`.*not there: \['sky'\]"),
+    ({"subtask": "panoptic", "stuff_labels": "checkered wall"}, "`stuff_labels` must be a list of class names"),
+    ({"threshold": 0.3}, "threshold apply to subtask 'instance' or 'panoptic', not 'semantic'"),
+    ({"stuff_labels": ["checkered wall"]}, "stuff_labels apply to subtask 'instance' or 'panoptic'"),
+])
+def test_bad_subtask_options_are_refused(segmenter, options, message):
+    with pytest.raises(ValueError, match=message):
+        segmenter(scene(0), candidate_labels=LABELS, **options)
+
+
+def test_unknown_options_are_refused_naming_the_known_ones(segmenter):
+    with pytest.raises(TypeError, match="takes `candidate_labels`, `subtask`, `stuff_labels` and `threshold`"):
+        segmenter(scene(0), candidate_labels=LABELS, label_ids_to_fuse={1})

@@ -29,6 +29,7 @@ from maft.cli.model_loading import default_model_path
 
 SCENE = default_model_path().parent / "examples" / "scene-3.png"
 CLASS_NAMES = json.loads((SCENE.parent / "classes.json").read_text())["class_names"]
+STUFF = [name for name in CLASS_NAMES if name.split()[-1] in {"floor", "wall", "water", "grass"}]
 # What the code files may import besides the standard library: transformers' own requirements, torch and Pillow (no
 # maft, no scipy).
 ALLOWED_IMPORTS = {"PIL", "huggingface_hub", "numpy", "safetensors", "torch", "transformers"}
@@ -67,7 +68,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
 
-location, scene, output, class_names = {location!r}, {scene!r}, {output!r}, {class_names!r}
+location, scene, output, class_names, stuff = {location!r}, {scene!r}, {output!r}, {class_names!r}, {stuff!r}
 config = AutoConfig.from_pretrained(location, trust_remote_code=True)
 model = AutoModel.from_pretrained(location, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(location, trust_remote_code=True)
@@ -81,12 +82,19 @@ with warnings.catch_warnings(record=True) as caught:
     hub_task_segments = pipeline("image-segmentation", model=location, trust_remote_code=True, device="cpu")(image, candidate_labels=class_names)
     assert [segment["label"] for segment in hub_task_segments] == [segment["label"] for segment in segments]
     assert all(np.array_equal(np.array(a["mask"]), np.array(b["mask"])) for a, b in zip(hub_task_segments, segments))
+    subtasks = {{
+        subtask: segmenter(image, candidate_labels=class_names, subtask=subtask, stuff_labels=stuff, threshold=0.3)
+        for subtask in ("instance", "panoptic")
+    }}
+for subtask, found in subtasks.items():
+    np.save(f"{{output}}-{{subtask}}.npy", np.stack([np.array(segment["mask"]) for segment in found]))
 np.save(output + "-label-map.npy", label_map.numpy())
 np.save(output + "-pipeline.npy", np.stack([np.array(segment["mask"]) for segment in segments]))
 print(json.dumps({{
     "classes": [type(config).__name__, type(model).__name__, type(processor).__name__, type(segmenter).__name__],
     "modules": sorted({{type(config).__module__.split(".")[0], type(model).__module__.split(".")[0]}}),
     "labels": [segment["label"] for segment in segments],
+    "subtasks": {{subtask: [[segment["label"], segment["score"]] for segment in found] for subtask, found in subtasks.items()}},
     "fallback_warnings": [str(warning.message) for warning in caught if "falls back" in str(warning.message)],
     "maft_imported": any(name == "maft" or name.startswith("maft.") for name in sys.modules),
 }}))
@@ -100,7 +108,21 @@ def expected_label_map():
     return segment_image(model, processor, SCENE, encode_vocabulary(model, processor, CLASS_NAMES))
 
 
-def check_loaded_without_maft(stdout: str, output: Path, expected_label_map: np.ndarray) -> None:
+@pytest.fixture(scope="module")
+def expected_subtasks():
+    """The installed package's instance and panoptic segments of the scene: labels and scores, and the masks."""
+    from transformers import pipeline
+
+    segmenter = pipeline("zero-shot-image-segmentation", model=str(default_model_path()), device="cpu")
+    expected = {}
+    for subtask in ("instance", "panoptic"):
+        found = segmenter(str(SCENE), candidate_labels=CLASS_NAMES, subtask=subtask, stuff_labels=STUFF, threshold=0.3)
+        expected[subtask] = ([[segment["label"], segment["score"]] for segment in found],
+                             np.stack([np.array(segment["mask"]) for segment in found]))
+    return expected
+
+
+def check_loaded_without_maft(stdout: str, output: Path, expected_label_map: np.ndarray, expected_subtasks: dict) -> None:
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["classes"] == ["MaftConfig", "MaftModel", "MaftProcessor", "ZeroShotImageSegmentationPipeline"]
     assert result["modules"] == ["transformers_modules"] and not result["maft_imported"]
@@ -113,25 +135,32 @@ def check_loaded_without_maft(stdout: str, output: Path, expected_label_map: np.
     masks = np.load(f"{output}-pipeline.npy")
     for mask, name in zip(masks, present):
         np.testing.assert_array_equal(mask == 255, expected_label_map == CLASS_NAMES.index(name))
+    for subtask, (segments, masks) in expected_subtasks.items():
+        found = result["subtasks"][subtask]
+        assert [label for label, _ in found] == [label for label, _ in segments] and len(segments) >= 2, subtask
+        assert [score for _, score in found] == pytest.approx([score for _, score in segments], rel=1e-5), subtask
+        np.testing.assert_array_equal(np.load(f"{output}-{subtask}.npy"), masks)
+    assert {label for label, _ in result["subtasks"]["panoptic"]} & set(STUFF), "panoptic: things and stuff"
 
 
-def test_the_bundled_model_runs_with_transformers_alone_from_its_folder(tmp_path, expected_label_map):
+def test_the_bundled_model_runs_with_transformers_alone_from_its_folder(tmp_path, expected_label_map, expected_subtasks):
     code = LOAD_WITHOUT_MAFT.format(
-        location=str(default_model_path()), scene=str(SCENE), output=str(tmp_path / "folder"), class_names=CLASS_NAMES
+        location=str(default_model_path()), scene=str(SCENE), output=str(tmp_path / "folder"), class_names=CLASS_NAMES,
+        stuff=STUFF,
     )
-    check_loaded_without_maft(run_without_maft(code, tmp_path), tmp_path / "folder", expected_label_map)
+    check_loaded_without_maft(run_without_maft(code, tmp_path), tmp_path / "folder", expected_label_map, expected_subtasks)
 
 
-def test_a_model_pushed_to_the_hub_runs_with_transformers_alone(tmp_path, hub_server, expected_label_map):
+def test_a_model_pushed_to_the_hub_runs_with_transformers_alone(tmp_path, hub_server, expected_label_map, expected_subtasks):
     model, processor = MaftModel.from_pretrained(default_model_path()), MaftProcessor.from_pretrained(default_model_path())
     model.push_to_hub("maft-org/maft-mini")
     processor.push_to_hub("maft-org/maft-mini")
     assert_carries_remote_code(hub_server.files("maft-org/maft-mini"))
     code = LOAD_WITHOUT_MAFT.format(
-        location="maft-org/maft-mini", scene=str(SCENE), output=str(tmp_path / "hub"), class_names=CLASS_NAMES
+        location="maft-org/maft-mini", scene=str(SCENE), output=str(tmp_path / "hub"), class_names=CLASS_NAMES, stuff=STUFF
     )
     environment = {"HF_ENDPOINT": hub_server.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
-    check_loaded_without_maft(run_without_maft(code, tmp_path, environment), tmp_path / "hub", expected_label_map)
+    check_loaded_without_maft(run_without_maft(code, tmp_path, environment), tmp_path / "hub", expected_label_map, expected_subtasks)
 
 
 @pytest.fixture

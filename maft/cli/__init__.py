@@ -4,6 +4,7 @@ whose final model is saved but did not reach the Hub ends with exit code 3 (`EXI
 (torch, transformers, the model) is imported until a command runs, so `maft --help` answers at once."""
 
 import argparse
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -42,6 +43,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """'0.7' -> 0.7; values outside [0, 1] and non-numbers are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (its lines joined by '; '); the error's kind if it has no message."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
@@ -57,26 +69,34 @@ def failure_message(error: BaseException) -> str:
 
 
 def segment(arguments: argparse.Namespace) -> int:
-    """Segments each image into the given classes and writes an overlay, the label map and class fractions; an image
-    that fails is reported and skipped, and the exit code is then 1."""
-    from maft.utils.output_files import distinct_output_names, prepare_output_folder, write_segmentation_files
+    """Segments each image into the given classes and writes its files (see `segment_files_writer`); an image that
+    fails is reported and skipped, and the exit code is then 1."""
+    from maft.utils.output_files import distinct_output_names, prepare_output_folder
 
+    stuff_label_ids = check_stuff(arguments.task, arguments.stuff, arguments.labels)
     output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
     from tqdm.auto import tqdm
 
-    from maft.inference import encode_vocabulary, segment_image
+    from maft.inference import encode_vocabulary
     from maft.cli.model_loading import load_model_and_processor
     from maft.processing_maft import to_rgb_array
 
     model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
     text_embeds = encode_vocabulary(model, processor, arguments.labels)  # once; a bad vocabulary fails once
+    sam = None
+    if arguments.proposals == "sam":
+        from maft.utils.sam_proposals import SamMaskGenerator
+
+        sam = SamMaskGenerator.from_pretrained(
+            arguments.sam_model, model.device, points_per_side=arguments.sam_points_per_side,
+            pred_iou_threshold=arguments.sam_pred_iou_threshold, stability_score_threshold=arguments.sam_stability_threshold,
+        )
+    segment_and_write = segment_files_writer(arguments, model, processor, text_embeds, stuff_label_ids, output, sam)
     failures = 0
     names = distinct_output_names(arguments.images)
     for image_path, name in zip(tqdm(arguments.images, desc="segmenting", unit="image"), names):
         try:
-            image = to_rgb_array(image_path)
-            label_map = segment_image(model, processor, image, text_embeds)
-            write_segmentation_files(output, name, image, label_map, arguments.labels, source=str(image_path))
+            segment_and_write(to_rgb_array(image_path), name, str(image_path))
         except Exception as error:
             failures += 1
             if arguments.debug:
@@ -84,6 +104,48 @@ def segment(arguments: argparse.Namespace) -> int:
             tqdm.write(f"maft segment: skipped {image_path}: {failure_message(error)}", file=sys.stderr)
     print(f"segmented {len(arguments.images) - failures} of {len(arguments.images)} images into {output}")
     return 1 if failures else 0
+
+
+def check_stuff(task: str, stuff: list[str], labels: list[str]) -> set[int]:
+    """The indices of the --stuff classes in --labels; refused when they are not among --labels or the task is semantic."""
+    if stuff and task == "semantic":
+        raise ValueError("--stuff is for --task panoptic or instance (semantic segmentation has no stuff or things)")
+    missing = [name for name in stuff if name not in labels]
+    if missing:
+        raise ValueError(f"--stuff must name classes of --labels; not among them: {', '.join(missing)}")
+    return {labels.index(name) for name in stuff}
+
+
+def segment_files_writer(arguments: argparse.Namespace, model, processor, text_embeds, stuff_label_ids: set[int], output: Path,
+                         sam=None):
+    """`write(image, name, source)`: segments one image for --task and writes its files into `output`; with `sam` (a
+    `SamMaskGenerator`), its masks are the proposals, each named by the model's IP-CLIP."""
+    from maft.inference import segment_image, segment_objects, segment_with_masks
+    from maft.utils.output_files import write_instance_files, write_panoptic_files, write_segmentation_files
+
+    thresholds = {"threshold": arguments.threshold, "mask_threshold": arguments.mask_threshold,
+                  "overlap_mask_area_threshold": arguments.overlap_mask_area_threshold}
+
+    def segmentation_of(image):
+        """The label map (semantic), or the segment ids and infos (instance, panoptic), of one image."""
+        if sam is not None:
+            objects = {} if arguments.task == "semantic" else {"stuff_label_ids": stuff_label_ids, **thresholds}
+            return segment_with_masks(model, processor, image, sam(image), text_embeds, arguments.task, **objects)
+        if arguments.task == "semantic":
+            return segment_image(model, processor, image, text_embeds)
+        return segment_objects(model, processor, image, text_embeds, arguments.task, stuff_label_ids, **thresholds)
+
+    if arguments.task == "semantic":
+        def write(image, name: str, source: str) -> None:
+            write_segmentation_files(output, name, image, segmentation_of(image), arguments.labels, source=source)
+        return write
+
+    write_files = write_panoptic_files if arguments.task == "panoptic" else write_instance_files
+
+    def write(image, name: str, source: str) -> None:
+        segmentation, segments_info = segmentation_of(image)
+        write_files(output, name, image, segmentation, segments_info, arguments.labels, stuff_label_ids, source=source)
+    return write
 
 
 def ipclip_example(arguments: argparse.Namespace) -> int:
@@ -336,9 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     segmenter = commands.add_parser(
         "segment", parents=[common], help="segment images into any list of class names",
-        description="Writes, per image, NAME_overlay.png, NAME_labels.png and NAME.json into --output, NAME being the "
-        "image's file name without suffix; images sharing a NAME (a/photo.png, b/photo.png) get NAME-N, N the image's "
-        "position on the command line.",
+        description="Writes, per image, into --output: NAME_overlay.png, NAME.json and, with --task semantic, "
+        "NAME_labels.png (class indices); panoptic, NAME_panoptic.png (COCO panoptic: segment id = R + 256 G + 256^2 B; "
+        "NAME.json holds the COCO segments_info and categories); instance, NAME_instance-K.png (one mask per instance, "
+        "K from 1, best first; NAME.json lists them). NAME is the image's file name without suffix; images sharing a "
+        "NAME (a/photo.png, b/photo.png) get NAME-N, N the image's position on the command line.",
     )
     segmenter.add_argument("images", nargs="+", help="image files")
     segmenter.add_argument("--labels", required=True, type=parse_labels, help='class names, e.g. "cat, sofa, wall"')
@@ -346,6 +410,31 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
     segmenter.add_argument("--device", help=DEVICE_HELP)
     segmenter.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
+    segmenter.add_argument("--task", default="semantic", choices=["semantic", "instance", "panoptic"],
+                           help="semantic: a class per pixel; instance: separate objects; panoptic: objects of the thing "
+                                "classes and one region per stuff class (default: semantic)")
+    segmenter.add_argument("--stuff", type=parse_labels, default=[],
+                           help='with --task panoptic or instance: the classes of --labels that are stuff, e.g. "sky, road" '
+                                "(panoptic: one segment each; instance: no instances); default: none, every class a thing")
+    for name, default, help_text in (
+        ("threshold", 0.5, "lowest score of a segment"),
+        ("mask-threshold", 0.5, "mask probability from which a pixel is a proposal's"),
+        ("overlap-mask-area-threshold", 0.8, "smallest fraction of its mask a segment must keep where it overlaps others"),
+    ):
+        segmenter.add_argument(f"--{name}", type=unit_interval, default=default,
+                               help=f"with --task panoptic or instance: {help_text} (default: {default})")
+    segmenter.add_argument("--proposals", default="maft", choices=["maft", "sam"],
+                           help="where the masks come from: maft, the model's own proposal generator; sam, Segment "
+                                "Anything's automatic masks (transformers' SamModel), each named by the model's IP-CLIP "
+                                "(default: maft)")
+    segmenter.add_argument("--sam-model", default="facebook/sam-vit-base",
+                           help="with --proposals sam: the SAM checkpoint, directory or Hub id (default: facebook/sam-vit-base)")
+    segmenter.add_argument("--sam-points-per-side", type=positive_int, default=32,
+                           help="with --proposals sam: the grid of point prompts is N x N (default: 32)")
+    segmenter.add_argument("--sam-pred-iou-threshold", type=float, default=0.88,
+                           help="with --proposals sam: lowest IoU SAM predicts for a mask it keeps (default: 0.88)")
+    segmenter.add_argument("--sam-stability-threshold", type=unit_interval, default=0.95,
+                           help="with --proposals sam: lowest stability of a mask it keeps (default: 0.95)")
     segmenter.set_defaults(handler=segment)
 
     trainer = commands.add_parser("train", parents=[common], help="train a model (stage 'maft': mask-aware fine-tuning of IP-CLIP)",

@@ -22,6 +22,7 @@ TASK = "zero-shot-image-segmentation"
 # Beside app.py in a Space: {"model": repo id, "examples": [[image file relative to app.py, class names], ...]}
 SPACE_CONFIG = "demo_config.json"
 OVERLAY_ALPHA = 0.5
+OUTLINE_COLOUR = (255, 255, 255)
 # small images (the bundled scenes are 96 pixels) fill their boxes, pixels kept sharp
 STYLE = "#image img, #overlay img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 
@@ -33,13 +34,32 @@ def class_palette(num_classes: int) -> np.ndarray:
     return (np.array(colours).reshape(num_classes, 3) * 255).round().astype(np.uint8)
 
 
-def tint(image: Image.Image, label_map: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
-    """The image with each pixel blended with its class's colour (`palette[label_map]`), `alpha` of the colour."""
+def tint(
+    image: Image.Image, label_map: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA, outlines: np.ndarray | None = None
+) -> Image.Image:
+    """The image with each pixel blended with its class's colour (`palette[label_map]`), `alpha` of the colour; pixels
+    labelled -1 (no class) are left as they are, and `outlines` (H, W bool, optional) are drawn in white."""
     if label_map.shape != (image.height, image.width):
         raise ValueError(f"label map {label_map.shape} does not match the image size {(image.height, image.width)}")
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blended = (1 - alpha) * rgb + alpha * palette[label_map].astype(np.float32)
+    blended = (1 - alpha) * rgb + alpha * palette[label_map.clip(0)].astype(np.float32)
+    blended = np.where(label_map[..., None] >= 0, blended, rgb)
+    if outlines is not None:
+        blended[outlines] = OUTLINE_COLOUR
     return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def segment_outlines(segment_map: np.ndarray, nothing: int) -> np.ndarray:
+    """(H, W) bool: the pixels of each segment of `segment_map` (segment ids; `nothing` where no segment is) that
+    touch (4-neighbourhood) a pixel of another segment or of none; adjacent instances of one class stay apart."""
+    edges = np.zeros(segment_map.shape, dtype=bool)
+    vertical = segment_map[1:] != segment_map[:-1]
+    horizontal = segment_map[:, 1:] != segment_map[:, :-1]
+    edges[1:] |= vertical
+    edges[:-1] |= vertical
+    edges[:, 1:] |= horizontal
+    edges[:, :-1] |= horizontal
+    return edges & (segment_map != nothing)
 
 
 def parse_class_names(text: str) -> list[str]:

@@ -5,7 +5,7 @@ share them."""
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,70 @@ def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_m
     writers = {
         folder / f"{name}_overlay.png": render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
         folder / f"{name}_labels.png": label_map_image(label_map).save,
+        folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
+    }
+    write_files_atomically(writers)
+    return list(writers)
+
+
+def coco_categories(class_names: Sequence[str], stuff_label_ids: Collection[int]) -> list[dict]:
+    """COCO panoptic's `categories`: each class with id its position in `class_names` from 1 (COCO's ids start at 1),
+    its name, and `isthing` 0 for the stuff classes."""
+    return [{"id": index + 1, "name": name, "isthing": int(index not in stuff_label_ids)} for index, name in enumerate(class_names)]
+
+
+def coco_segment(mask: np.ndarray, segment: dict, segment_id: int) -> dict:
+    """COCO's entry for a segment (`segment`: `label_id` and `score` from post-processing) of pixels `mask` (H, W)."""
+    from .visualization import segment_box_and_area
+
+    box, area = segment_box_and_area(mask)
+    return {"id": segment_id, "category_id": segment["label_id"] + 1, "iscrowd": 0, "area": area, "bbox": box,
+            "score": round(float(segment["score"]), 6)}
+
+
+def write_panoptic_files(folder: Path, name: str, image: np.ndarray, segmentation: np.ndarray, segments_info: list[dict],
+                         class_names: Sequence[str], stuff_label_ids: Collection[int], source: str) -> list[Path]:
+    """Writes the files `maft segment --task panoptic` makes for one image, all-or-nothing, and returns their paths:
+    `{name}_overlay.png` (segments tinted by class and outlined, with a legend), `{name}_panoptic.png` (COCO panoptic:
+    segment id = R + 256 G + 256^2 B, 0 where no segment is) and `{name}.json` (COCO panoptic's annotation of the image,
+    `file_name` and `segments_info`, with the `categories`; `image` is the source image)."""
+    from .visualization import panoptic_image, render_segments_overlay
+
+    annotation = {
+        "image": source, "image_id": name, "file_name": f"{name}_panoptic.png",
+        "segments_info": [coco_segment(segmentation == segment["id"], segment, segment["id"]) for segment in segments_info],
+        "categories": coco_categories(class_names, stuff_label_ids),
+    }
+    overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=0)
+    writers = {
+        folder / f"{name}_overlay.png": overlay.save,
+        folder / annotation["file_name"]: panoptic_image(segmentation).save,
+        folder / f"{name}.json": lambda path: path.write_text(json.dumps(annotation, indent=2)),
+    }
+    write_files_atomically(writers)
+    return list(writers)
+
+
+def write_instance_files(folder: Path, name: str, image: np.ndarray, segmentation: np.ndarray, segments_info: list[dict],
+                         class_names: Sequence[str], stuff_label_ids: Collection[int], source: str) -> list[Path]:
+    """Writes the files `maft segment --task instance` makes for one image, all-or-nothing, and returns their paths:
+    `{name}_overlay.png` (instances tinted by class and outlined, with a legend), one mask per instance
+    `{name}_instance-{k}.png` ("L": 255 on the instance, 0 elsewhere; k from 1, best first) and `{name}.json`
+    (per instance COCO's `id` k, `category_id`, `iscrowd`, `area`, `bbox`, `score`, and its `mask` file; the
+    `categories`; `image` is the source image). `segmentation` holds instance ids from 0, -1 where none is."""
+    from .visualization import render_segments_overlay
+
+    instances, writers = [], {}
+    for number, segment in enumerate(segments_info, 1):
+        mask = segmentation == segment["id"]
+        mask_path = folder / f"{name}_instance-{number}.png"
+        instances.append({**coco_segment(mask, segment, number), "mask": mask_path.name})
+        writers[mask_path] = Image.fromarray(mask.astype(np.uint8) * 255).save
+    summary = {"image": source, "instances": instances, "categories": coco_categories(class_names, stuff_label_ids)}
+    overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=-1)
+    writers = {
+        folder / f"{name}_overlay.png": overlay.save,
+        **writers,
         folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
     write_files_atomically(writers)

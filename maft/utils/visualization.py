@@ -4,21 +4,23 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # The colours and the tint live in the demo app, which a Hugging Face Space copies without maft beside it.
-from ..demo.app import OVERLAY_ALPHA, class_palette, tint
+from ..demo.app import OVERLAY_ALPHA, class_palette, segment_outlines, tint
 
 
 def render_overlay(
-    image: Image.Image, label_map: np.ndarray, class_names: list[str], alpha: float = OVERLAY_ALPHA
+    image: Image.Image, label_map: np.ndarray, class_names: list[str], alpha: float = OVERLAY_ALPHA,
+    outlines: np.ndarray | None = None,
 ) -> Image.Image:
-    """The image with each pixel tinted by its class colour, and a legend of the classes present, by area."""
+    """The image with each pixel tinted by its class colour (pixels labelled -1 left as they are) and `outlines`
+    (H, W bool, optional) in white, and a legend of the classes present, by area."""
     palette = class_palette(len(class_names))
-    overlay = tint(image, label_map, palette, alpha)
+    overlay = tint(image, label_map, palette, alpha, outlines)
 
-    counts = np.bincount(label_map.ravel(), minlength=len(class_names))
+    counts = np.bincount(label_map[label_map >= 0], minlength=len(class_names))
     present = [index for index in np.argsort(-counts) if counts[index] > 0]
     font = ImageFont.load_default()
     row_height, swatch, padding = 16, 12, 6
-    legend_width = padding * 3 + swatch + max(int(font.getlength(class_names[index])) for index in present)
+    legend_width = padding * 3 + swatch + max((int(font.getlength(class_names[index])) for index in present), default=0)
     canvas = Image.new("RGB", (overlay.width + legend_width, max(overlay.height, padding * 2 + row_height * len(present))), "white")
     canvas.paste(overlay, (0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -44,3 +46,31 @@ def class_fractions(label_map: np.ndarray, class_names: list[str]) -> dict[str, 
     counts = np.bincount(label_map.ravel(), minlength=len(class_names))
     order = np.argsort(-counts, kind="stable")
     return {class_names[index]: round(float(counts[index]) / label_map.size, 6) for index in order if counts[index] > 0}
+
+
+def render_segments_overlay(
+    image: Image.Image, segmentation: np.ndarray, segments_info: list[dict], class_names: list[str], nothing: int
+) -> Image.Image:
+    """`render_overlay` of instance or panoptic segments: each segment tinted by its class and outlined; `segmentation`
+    holds segment ids (`nothing` where no segment is) and `segments_info` their `id` and `label_id`."""
+    label_of_segment = {segment["id"]: segment["label_id"] for segment in segments_info}
+    label_map = np.full(segmentation.shape, -1, dtype=np.int64)
+    for segment_id, label in label_of_segment.items():
+        label_map[segmentation == segment_id] = label
+    return render_overlay(image, label_map, class_names, outlines=segment_outlines(segmentation, nothing))
+
+
+def panoptic_image(segmentation: np.ndarray) -> Image.Image:
+    """Segment ids (H, W) as COCO panoptic's RGB PNG: id = R + 256 * G + 256**2 * B (0: no segment)."""
+    segmentation = np.asarray(segmentation)
+    if segmentation.size and (segmentation.min() < 0 or segmentation.max() >= 256**3):
+        raise ValueError(f"A panoptic image holds segment ids 0 to 256**3 - 1, got [{segmentation.min()}, {segmentation.max()}].")
+    ids = segmentation.astype(np.uint32)
+    return Image.fromarray(np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8))
+
+
+def segment_box_and_area(mask: np.ndarray) -> tuple[list[int], int]:
+    """COCO's `bbox` ([x, y, width, height] of the pixels) and `area` (pixel count) of a non-empty (H, W) bool mask."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]
+    return box, int(mask.sum())
