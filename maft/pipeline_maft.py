@@ -17,8 +17,8 @@ from .processing_maft import ImageLike, to_image_masks, to_rgb_array
 
 
 SUBTASKS = ("semantic", "instance", "panoptic")
-# instance and panoptic: the processor's defaults (Mask2Former's); semantic segmentation has no thresholds
-THRESHOLD_DEFAULTS = {"threshold": 0.5, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8}
+# of instance and panoptic post-processing (left out: the processor's defaults); semantic segmentation has none
+THRESHOLDS = ("threshold", "mask_threshold", "overlap_mask_area_threshold")
 
 
 def check_candidate_labels(candidate_labels: Any) -> tuple[str, ...]:
@@ -115,11 +115,11 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     def _sanitize_parameters(
         self, candidate_labels: Any = None, subtask: str | None = None, stuff_labels: Any = None, **kwargs
     ):
-        unknown = sorted(set(kwargs) - set(THRESHOLD_DEFAULTS))
+        unknown = sorted(set(kwargs) - set(THRESHOLDS))
         if unknown:
             raise TypeError(
                 f"the {TASK} pipeline takes `candidate_labels`, `subtask`, `stuff_labels` and "
-                f"{', '.join(f'`{name}`' for name in THRESHOLD_DEFAULTS)}, got {unknown}"
+                f"{', '.join(f'`{name}`' for name in THRESHOLDS)}, got {unknown}"
             )
         postprocess_params = dict(kwargs)
         if subtask is not None:
@@ -210,7 +210,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             return self.semantic_segments(outputs, model_outputs["target_size"], candidate_labels)
         stuff_ids = stuff_label_ids(stuff_labels, candidate_labels)
         result = post_process_objects(
-            self.processor, outputs, subtask, model_outputs["target_size"], stuff_ids, **{**THRESHOLD_DEFAULTS, **thresholds}
+            self.processor, outputs, subtask, model_outputs["target_size"], stuff_ids, **thresholds
         )
         segmentation = result["segmentation"]
         return [

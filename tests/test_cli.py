@@ -153,3 +153,71 @@ def test_segment_in_bfloat16_with_the_bundled_model(tmp_path):
     assert main(["segment", str(examples / "scene-4.png"), "--labels", "checkered wall, dotted floor", "--dtype", "bfloat16",
                  "--output", str(tmp_path)]) == 0
     assert (tmp_path / "scene-4_labels.png").is_file()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "maft" / "pretrained" / "examples"
+SHAPES_AND_STUFF = "red circle, green circle, yellow triangle, yellow square, checkered wall, checkered grass, striped floor"
+STUFF = "checkered wall, checkered grass, striped floor"
+
+
+def expected_segments(task: str, scene: str, stuff_label_ids: set[int]) -> tuple[np.ndarray, list[dict]]:
+    """The processor's segments of a bundled scene (threshold 0.3), as `maft segment` should write them."""
+    from maft.inference import encode_vocabulary, segment_objects
+    from maft.cli.model_loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(None, "cpu", "float32")
+    text_embeds = encode_vocabulary(model, processor, SHAPES_AND_STUFF.split(", "))
+    return segment_objects(model, processor, EXAMPLES / scene, text_embeds, task, stuff_label_ids, threshold=0.3)
+
+
+def test_segment_panoptic_writes_coco_panoptic_files(tmp_path):
+    assert main(["segment", str(EXAMPLES / "scene-3.png"), "--labels", SHAPES_AND_STUFF, "--task", "panoptic",
+                 "--stuff", STUFF, "--threshold", "0.3", "--output", str(tmp_path)]) == 0
+    annotation = json.loads((tmp_path / "scene-3.json").read_text())
+    assert annotation["file_name"] == "scene-3_panoptic.png" and annotation["image"] == str(EXAMPLES / "scene-3.png")
+    names = SHAPES_AND_STUFF.split(", ")
+    assert annotation["categories"] == [{"id": index + 1, "name": name, "isthing": int(name not in STUFF)} for index, name in enumerate(names)]
+    rgb = np.asarray(Image.open(tmp_path / "scene-3_panoptic.png").convert("RGB")).astype(np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]  # COCO panoptic's encoding
+    segmentation, segments_info = expected_segments("panoptic", "scene-3.png", {4, 5, 6})
+    np.testing.assert_array_equal(ids, segmentation)
+    assert [(s["id"], s["category_id"]) for s in annotation["segments_info"]] == [(s["id"], s["label_id"] + 1) for s in segments_info]
+    categories = {category["id"]: category for category in annotation["categories"]}
+    assert {categories[s["category_id"]]["isthing"] for s in annotation["segments_info"]} == {0, 1}, "things and stuff"
+    for segment in annotation["segments_info"]:
+        rows, columns = np.nonzero(ids == segment["id"])
+        assert segment["area"] == len(rows) and segment["iscrowd"] == 0
+        assert segment["bbox"] == [columns.min(), rows.min(), columns.max() - columns.min() + 1, rows.max() - rows.min() + 1]
+    assert Image.open(tmp_path / "scene-3_overlay.png").height == 96
+
+
+def test_segment_instance_writes_a_mask_per_instance(tmp_path):
+    assert main(["segment", str(EXAMPLES / "scene-3.png"), "--labels", SHAPES_AND_STUFF, "--task", "instance",
+                 "--stuff", STUFF, "--threshold", "0.3", "--output", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "scene-3.json").read_text())
+    segmentation, segments_info = expected_segments("instance", "scene-3.png", {4, 5, 6})
+    assert len(summary["instances"]) == len(segments_info) >= 2
+    for number, (instance, segment) in enumerate(zip(summary["instances"], segments_info), 1):
+        assert instance["id"] == number and instance["mask"] == f"scene-3_instance-{number}.png"
+        assert instance["category_id"] == segment["label_id"] + 1 and instance["score"] == round(segment["score"], 6)
+        mask = np.asarray(Image.open(tmp_path / instance["mask"]))
+        np.testing.assert_array_equal(mask == 255, segmentation == segment["id"])
+        assert instance["area"] == (mask == 255).sum()
+    assert sorted(path.name for path in tmp_path.glob("*_instance-*.png")) == sorted(i["mask"] for i in summary["instances"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--stuff", "dotted floor"], "maft segment: --stuff must name classes of --labels; not among them: dotted floor\n"),
+    (["--task", "semantic", "--stuff", "striped floor"], "maft segment: --stuff is for --task panoptic or instance"),
+])
+def test_segment_refuses_stuff_it_cannot_use_in_one_line(arguments, message, tmp_path, capsys):
+    task = [] if "--task" in arguments else ["--task", "panoptic"]
+    assert main(["segment", str(EXAMPLES / "scene-3.png"), "--labels", SHAPES_AND_STUFF, *task, *arguments,
+                 "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(message) and not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_thresholds_outside_zero_to_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "cat", "--task", "panoptic", "--threshold", "1.5"])
+    assert "argument --threshold: must be a number from 0 to 1, got '1.5'" in capsys.readouterr().err

@@ -19,7 +19,9 @@ from PIL import Image
 
 from helpers import run_without_maft
 from maft.demo import bundled_examples, write_space
-from maft.demo.app import SPACE_CONFIG, class_palette, parse_class_names
+from maft.demo.app import (
+    SPACE_CONFIG, TASK, class_palette, legend_html, parse_class_names, segment_outlines, segment_with_legend, tint,
+)
 from maft.cli.model_loading import default_model_path
 
 
@@ -89,6 +91,51 @@ def test_demo_errors_on_the_command_line(tmp_path, capsys):
     assert [path.name for path in (tmp_path / "taken").iterdir()] == ["file"]
 
 
+EXAMPLES = default_model_path().parent / "examples"
+SHAPES = ["red circle", "green circle", "yellow triangle", "yellow square"]
+STUFF = ["checkered wall", "checkered grass", "striped floor"]
+
+
+def panoptic_legend() -> list[dict]:
+    from transformers import pipeline
+
+    segmenter = pipeline(TASK, model=str(default_model_path()), device="cpu")
+    with Image.open(EXAMPLES / "scene-3.png") as image:
+        return segment_with_legend(segmenter, image.convert("RGB"), SHAPES + STUFF, "panoptic", STUFF)[1]
+
+
+def test_segment_outlines_keep_adjacent_segments_of_a_class_apart_and_tint_leaves_unlabelled_pixels():
+    segment_map = np.array([[0, 0, 1, 1, -1],
+                            [0, 0, 1, 1, -1]])
+    np.testing.assert_array_equal(segment_outlines(segment_map, nothing=-1), [[0, 1, 1, 1, 0], [0, 1, 1, 1, 0]])
+    image = Image.fromarray(np.full((2, 5, 3), 100, dtype=np.uint8))
+    label_map = np.where(segment_map >= 0, 0, -1)  # both segments of class 0
+    tinted = np.asarray(tint(image, label_map, np.array([[200, 0, 0]], dtype=np.uint8), 0.5, segment_outlines(segment_map, -1)))
+    assert tinted[0, 0].tolist() == [150, 50, 50] and tinted[0, 1].tolist() == [255, 255, 255] and tinted[0, 4].tolist() == [100] * 3
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_the_demo_segments_for_each_task(task):
+    from transformers import pipeline
+
+    segmenter = pipeline(TASK, model=str(default_model_path()), device="cpu")
+    with Image.open(EXAMPLES / "scene-3.png") as image:
+        image = image.convert("RGB")
+    stuff = STUFF if task != "semantic" else ()
+    overlay, legend = segment_with_legend(segmenter, image, SHAPES + STUFF, task, stuff)
+    segments = segmenter(image, candidate_labels=SHAPES + STUFF, **({"subtask": task, "stuff_labels": STUFF} if stuff else {}))
+    assert overlay.size == image.size
+    assert {entry["label"]: entry["segments"] for entry in legend} == {
+        label: [segment["label"] for segment in segments].count(label) for label in {segment["label"] for segment in segments}
+    }
+    outlined = (np.asarray(overlay) == 255).all(axis=-1)
+    assert outlined.any() == (task != "semantic")
+    if task == "panoptic":
+        assert {"red circle", "checkered grass"} <= {entry["label"] for entry in legend}
+        assert all(entry["segments"] == 1 for entry in legend if entry["label"] in STUFF)
+    assert 'data-segments="' in legend_html(legend)
+
+
 def test_write_space(tmp_path):
     gradio = pytest.importorskip("gradio")
     model = str(default_model_path())
@@ -115,7 +162,7 @@ def test_write_space(tmp_path):
     build = (
         "import sys\n"
         f"sys.path.insert(0, {str(space)!r})\n"
-        "import app, gradio\n"
+        "import app, gradio, json\n"
         "from PIL import Image\n"
         f"demo = app.space_demo({str(space)!r})\n"
         "print(type(demo).__name__, sorted({type(block).__name__ for block in demo.blocks.values()}))\n"
@@ -125,14 +172,18 @@ def test_write_space(tmp_path):
         "class_names = app.parse_class_names(text)\n"
         f"overlay, legend = app.segment_with_legend(segmenter, Image.open({str(space)!r} + '/' + image), class_names)\n"
         "print(overlay.size, round(sum(entry['area'] for entry in legend), 1))\n"
+        "overlay, legend = app.segment_with_legend(segmenter, Image.open(" + repr(str(EXAMPLES / "scene-3.png")) + "), "
+        "SHAPES + STUFF, 'panoptic', STUFF)\n".replace("SHAPES", repr(SHAPES)).replace("STUFF", repr(STUFF))
+        + "print(json.dumps(legend))\n"
     )
     lines = run_without_maft(build, tmp_path, timeout=600).strip().splitlines()
-    kind, components = lines[-2].split(" ", 1)
+    kind, components = lines[-3].split(" ", 1)
     assert kind == "Blocks"
-    for component in ("Image", "Textbox", "Button", "HTML", "Dataset"):  # Dataset: the examples
+    for component in ("Image", "Textbox", "Radio", "Button", "HTML", "Dataset"):  # Radio: the task; Dataset: the examples
         assert component in components
     with Image.open(space / config["examples"][0][0]) as example:
-        assert lines[-1] == f"{example.size} 100.0"
+        assert lines[-2] == f"{example.size} 100.0"
+    assert json.loads(lines[-1]) == panoptic_legend(), "the Space's panoptic segments are maft's"
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """A Gradio app that segments an image into any class names with a MAFT model, through the
-`zero-shot-image-segmentation` pipeline: the image tinted by class, and a legend of each class's colour and area.
+`zero-shot-image-segmentation` pipeline, semantic, instance or panoptic: the image tinted by class (each instance or
+panoptic segment outlined), and a legend of each class's colour, segments and area.
 
 This file is self-contained on purpose: `maft demo --write-space` copies it verbatim as a Hugging Face Space's
 `app.py`, where maft is not installed (the model repository brings its own code, loaded with
@@ -70,31 +71,40 @@ def parse_class_names(text: str) -> list[str]:
     return names
 
 
-def segment_with_legend(segmenter, image: Image.Image, class_names: list[str]) -> tuple[Image.Image, list[dict]]:
-    """The image tinted by class, and per class present (largest first) its name, colour ("#rrggbb") and area (% of
-    the pixels), from the pipeline `segmenter`'s masks."""
+def segment_with_legend(
+    segmenter, image: Image.Image, class_names: list[str], task: str = "semantic", stuff_labels: list[str] = ()
+) -> tuple[Image.Image, list[dict]]:
+    """The image tinted by class (instance and panoptic: each segment outlined), and per class present (largest first)
+    its name, colour ("#rrggbb"), area (% of the pixels) and number of segments, from the pipeline `segmenter`'s
+    masks for `task` ("semantic", "instance" or "panoptic"; `stuff_labels` for the last two)."""
+    options = {} if task == "semantic" else {"subtask": task, "stuff_labels": list(stuff_labels)}
     palette = class_palette(len(class_names))
-    label_map = np.zeros((image.height, image.width), dtype=np.int64)
-    legend = []
-    for segment in segmenter(image, candidate_labels=class_names):
+    label_map = np.full((image.height, image.width), -1, dtype=np.int64)
+    segment_map = np.full((image.height, image.width), -1, dtype=np.int64)
+    areas, counts = {}, {}
+    for number, segment in enumerate(segmenter(image, candidate_labels=class_names, **options)):
         pixels = np.asarray(segment["mask"]) > 0
-        index = class_names.index(segment["label"])
-        label_map[pixels] = index
-        legend.append({"label": segment["label"], "colour": "#" + bytes(palette[index]).hex(),
-                       "area": 100 * float(pixels.mean())})
-    return tint(image, label_map, palette), sorted(legend, key=lambda entry: -entry["area"])
+        label_map[pixels] = class_names.index(segment["label"])
+        segment_map[pixels] = number
+        areas[segment["label"]] = areas.get(segment["label"], 0.0) + 100 * float(pixels.mean())
+        counts[segment["label"]] = counts.get(segment["label"], 0) + 1
+    legend = [{"label": label, "colour": "#" + bytes(palette[class_names.index(label)]).hex(), "area": area,
+               "segments": counts[label]} for label, area in areas.items()]
+    outlines = None if task == "semantic" else segment_outlines(segment_map, nothing=-1)
+    return tint(image, label_map, palette, outlines=outlines), sorted(legend, key=lambda entry: -entry["area"])
 
 
 def legend_html(legend: list[dict]) -> str:
-    """The legend as an HTML table: a colour swatch, the class name and its area per row."""
+    """The legend as an HTML table: a colour swatch, the class name, its number of segments and its area per row."""
     rows = "".join(
         f'<tr class="maft-legend-entry" data-label="{html.escape(entry["label"])}" data-colour="{entry["colour"]}" '
-        f'data-area="{entry["area"]:.2f}"><td><span style="display:inline-block;width:1.2em;height:1.2em;'
-        f'border-radius:3px;background:{entry["colour"]}"></span></td><td>{html.escape(entry["label"])}</td>'
+        f'data-area="{entry["area"]:.2f}" data-segments="{entry["segments"]}"><td><span style="display:inline-block;'
+        f'width:1.2em;height:1.2em;border-radius:3px;background:{entry["colour"]}"></span></td>'
+        f'<td>{html.escape(entry["label"])}</td><td style="text-align:right">{entry["segments"]}</td>'
         f'<td style="text-align:right">{entry["area"]:.1f}%</td></tr>'
         for entry in legend
     )
-    return f'<table class="maft-legend"><tr><th></th><th>class</th><th>area</th></tr>{rows}</table>'
+    return f'<table class="maft-legend"><tr><th></th><th>class</th><th>segments</th><th>area</th></tr>{rows}</table>'
 
 
 def build_demo(model: str, device: str | None = None, examples: list[list[str]] = ()) -> "gradio.Blocks":  # noqa: F821
@@ -106,15 +116,19 @@ def build_demo(model: str, device: str | None = None, examples: list[list[str]] 
 
     segmenter = pipeline(TASK, model=model, trust_remote_code=True, device=device)
 
-    def run(image: Image.Image | None, text: str) -> tuple[Image.Image, str]:
+    def run(image: Image.Image | None, text: str, task: str, stuff_text: str) -> tuple[Image.Image, str]:
         if image is None:
             raise gr.Error("Upload an image or pick one of the examples first.")
         try:
             class_names = parse_class_names(text)
         except ValueError as error:
             raise gr.Error(f"The class names {error}.") from error
+        try:  # stuff classes only matter to instance and panoptic segmentation
+            stuff_labels = parse_class_names(stuff_text) if stuff_text.strip() and task != "semantic" else []
+        except ValueError as error:
+            raise gr.Error(f"The stuff classes {error}.") from error
         try:
-            overlay, legend = segment_with_legend(segmenter, image, class_names)
+            overlay, legend = segment_with_legend(segmenter, image, class_names, task, stuff_labels)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return overlay, legend_html(legend)
@@ -122,11 +136,15 @@ def build_demo(model: str, device: str | None = None, examples: list[list[str]] 
     with gr.Blocks(title="MAFT open-vocabulary segmentation") as demo:
         name = Path(model).name if Path(model).is_dir() else model
         gr.Markdown(f"# Segment an image into any classes\nModel: `{name}`. Upload an image or pick an example, "
-                    "type class names separated by commas, and press Segment.")
+                    "type class names separated by commas, choose the task, and press Segment.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="pil", image_mode="RGB", sources=["upload"], height=320, elem_id="image")
                 class_names = gr.Textbox(label="Class names", placeholder="cat, sofa, wall", elem_id="class-names")
+                task = gr.Radio(["semantic", "instance", "panoptic"], value="semantic", label="Task", elem_id="task",
+                                info="semantic: a class per pixel; instance: separate objects; panoptic: objects and stuff")
+                stuff = gr.Textbox(label="Stuff classes (instance and panoptic)", placeholder="sky, road", elem_id="stuff",
+                                   info="classes that are regions, not objects: one segment each in panoptic, none in instance")
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column():
                 overlay = gr.Image(label="Segmentation", type="pil", format="png", interactive=False, height=320,
@@ -134,8 +152,10 @@ def build_demo(model: str, device: str | None = None, examples: list[list[str]] 
                 legend = gr.HTML(elem_id="legend")
         if examples:
             gr.Examples(examples=list(examples), inputs=[image, class_names])
-        button.click(run, inputs=[image, class_names], outputs=[overlay, legend])
-        class_names.submit(run, inputs=[image, class_names], outputs=[overlay, legend])
+        inputs = [image, class_names, task, stuff]
+        button.click(run, inputs=inputs, outputs=[overlay, legend])
+        class_names.submit(run, inputs=inputs, outputs=[overlay, legend])
+        stuff.submit(run, inputs=inputs, outputs=[overlay, legend])
     return demo
 
 
