@@ -144,7 +144,7 @@ def test_write_space(tmp_path):
 
     assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", SPACE_CONFIG, "examples", "requirements.txt"]
     assert [path.name for path in tmp_path.iterdir()] == ["space"], "no staging folder is left behind"
-    assert (space / "app.py").read_bytes() == (REPOSITORY / "maft" / "demo_app.py").read_bytes()
+    assert (space / "app.py").read_bytes() == (REPOSITORY / "maft" / "demo" / "app.py").read_bytes()
     front_matter = yaml.safe_load((space / "README.md").read_text().split("---\n")[1])
     pinned_gradio = next(line.split("==")[1] for line in (REPOSITORY / "constraints.txt").read_text().splitlines()
                          if line.startswith("gradio=="))

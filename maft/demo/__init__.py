@@ -89,7 +89,7 @@ def space_requirements() -> str:
 
 
 def write_space(folder: str | os.PathLike, model: str) -> Path:
-    """Writes a Hugging Face Space for `model` into `folder` (new or empty): app.py (this package's `demo_app.py`,
+    """Writes a Hugging Face Space for `model` into `folder` (new or empty): app.py (this package's `demo/app.py`,
     verbatim), its config (the model and the example scenes), requirements.txt and README.md. All or nothing."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
