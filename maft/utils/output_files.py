@@ -85,6 +85,11 @@ def distinct_output_names(image_paths: Sequence[str | os.PathLike]) -> list[str]
         names = [f"{name}-{position}" if counts[name.casefold()] > 1 else name for position, name in enumerate(names, 1)]
 
 
+def segmentation_file_paths(folder: Path, name: str) -> list[Path]:
+    """The files `write_segmentation_files` writes for the image named `name`: overlay, label map, summary."""
+    return [folder / f"{name}_overlay.png", folder / f"{name}_labels.png", folder / f"{name}.json"]
+
+
 def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_map: np.ndarray,
                              class_names: Sequence[str], source: str) -> list[Path]:
     """Writes the set of files `maft segment` makes for one image, all-or-nothing, and returns their paths:
@@ -93,10 +98,11 @@ def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_m
     from .visualization import class_fractions, label_map_image, render_overlay
 
     summary = {"image": source, "labels": list(class_names), "fractions": class_fractions(label_map, list(class_names))}
+    overlay, labels, summary_path = segmentation_file_paths(folder, name)
     writers = {
-        folder / f"{name}_overlay.png": render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
-        folder / f"{name}_labels.png": label_map_image(label_map).save,
-        folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
+        overlay: render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
+        labels: label_map_image(label_map).save,
+        summary_path: lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
     write_files_atomically(writers)
     return list(writers)

@@ -1,0 +1,71 @@
+"""The fastest precision a device computes natively, for the command line's and the demo's `--dtype auto`.
+
+bfloat16 halves the memory traffic of every matrix product, and is about twice as fast as float32 where the hardware
+multiplies bfloat16 itself: CPUs with AVX512-BF16 or AMX, and GPUs that report bfloat16 support (Ampere and later).
+On other CPUs (AVX2 only) PyTorch converts to float32 inside every product and bfloat16 can be slower than float32,
+so there `auto` keeps float32. The Python API does not guess: models load in float32 unless given a `dtype`."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+# /proc/cpuinfo flags of the instructions that compute bfloat16 dot products natively
+NATIVE_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The precision `auto` chose (`name`: "bfloat16" or "float32") and why, in words."""
+
+    name: str
+    reason: str
+
+
+def cpu_flags(cpuinfo: str | os.PathLike | None = None) -> set[str]:
+    """The feature flags of the CPU as `cpuinfo` (default: /proc/cpuinfo) lists them (its first `flags` line); empty
+    where there is no such file (not Linux)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def choose_dtype(device: "str | torch.device", cpuinfo: str | os.PathLike | None = None) -> DtypeChoice:
+    """bfloat16 where `device` computes it natively (a CPU with one of `NATIVE_BFLOAT16_CPU_FLAGS`, a CUDA GPU for
+    which `torch.cuda.is_bf16_supported()`), else float32 (also on devices whose bfloat16 speed is not known here)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        native = sorted(set(NATIVE_BFLOAT16_CPU_FLAGS) & cpu_flags(cpuinfo))
+        if native:
+            return DtypeChoice("bfloat16", f"the CPU computes bfloat16 natively ({', '.join(native)})")
+        return DtypeChoice("float32", f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BFLOAT16_CPU_FLAGS)})")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return DtypeChoice("bfloat16", f"{name} computes bfloat16 natively")
+        return DtypeChoice("float32", f"{name} has no native bfloat16")
+    return DtypeChoice("float32", f"bfloat16 speed on {device.type} is not known to maft")
+
+
+def resolve_dtype(dtype: str, device: "str | torch.device") -> tuple[str, str | None]:
+    """(the dtype name to load the model in, the line saying what `auto` chose and why, else None)."""
+    if dtype != "auto":
+        return dtype, None
+    choice = choose_dtype(device)
+    return choice.name, f"dtype auto: {choice.name} on {device}, as {choice.reason}"
+
+
+__all__ = ["DtypeChoice", "choose_dtype", "cpu_flags", "resolve_dtype"]
