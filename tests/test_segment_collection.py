@@ -131,6 +131,8 @@ def test_two_processes_give_the_outputs_of_one(collection, tmp_path):
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "segmented 5 of 5 images" in result.stdout and result.stdout.count("segmented 5 of 5") == 1
+    counts = [json.loads((tmp_path / "two" / ".maft-progress" / f"process-{index}.json").read_text()) for index in (0, 1)]
+    assert [count["done"] for count in counts] == [3, 2]  # positions 0, 2, 4 and 1, 3
     assert output_files(tmp_path / "two", names) == output_files(tmp_path / "one", names)
     from datasets import load_from_disk
 
@@ -251,7 +253,9 @@ def test_dtype_auto_chooses_bfloat16_where_the_cpu_computes_it_natively(tmp_path
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(CPUINFO.format(extra=extra))
     assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", *extra.split()}
-    assert choose_dtype("cpu", cpuinfo).name == expected
+    assert choose_dtype("cpu", cpuinfo=cpuinfo).name == expected
+    assert choose_dtype("cpu", parameters=200_000_000, cpuinfo=cpuinfo).name == expected
+    assert choose_dtype("cpu", parameters=1_400_000, cpuinfo=cpuinfo).name == "float32"  # too small to gain
     assert cpu_flags(tmp_path / "no-such-file") == set()
 
 
@@ -261,7 +265,7 @@ def test_dtype_auto_on_cuda_asks_torch(monkeypatch, supported, expected):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported and not including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    assert choose_dtype("cuda") .name == expected
+    assert choose_dtype("cuda").name == expected
     assert choose_dtype("mps").name == "float32"
 
 
@@ -278,6 +282,10 @@ def test_segment_says_which_dtype_auto_chose(collection, tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "out" / "maft-manifest.json").read_text())["dtype"] == "float32"
 
     cpuinfo.write_text(CPUINFO.format(extra="amx_bf16"))
+    assert main(["segment", str(paths[0]), "--labels", LABELS, "--model", str(model), "--output", str(tmp_path / "small"),
+                 "--device", "cpu"]) == 0
+    assert "dtype auto: float32 on cpu, as the model is small (1.8M parameters)" in capsys.readouterr().err
+    monkeypatch.setattr(precision, "SMALL_MODEL_PARAMETERS", 1000)
     assert main(["segment", str(paths[0]), "--labels", LABELS, "--model", str(model), "--output", str(tmp_path / "bf16"),
                  "--device", "cpu"]) == 0
     assert "dtype auto: bfloat16 on cpu, as the CPU computes bfloat16 natively (amx_bf16)" in capsys.readouterr().err

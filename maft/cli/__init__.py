@@ -188,12 +188,11 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     from maft.evaluation.dataset_evaluation import distributed_state
     from maft.cli.model_loading import load_model_and_processor
 
-    from maft.cli.model_loading import resolve_device
-    from maft.utils.precision import resolve_dtype
+    from maft.cli.model_loading import resolve_device, resolve_model_dtype
 
     state = distributed_state()  # under `accelerate launch`, every process evaluates its shard; the main one reports
     device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
-    dtype, dtype_choice = resolve_dtype(arguments.dtype, device)
+    dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
     if dtype_choice and state.is_main_process:
         print(f"maft evaluate: {dtype_choice}", file=sys.stderr)
     model, processor = load_model_and_processor(arguments.model, device, dtype)

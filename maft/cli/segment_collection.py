@@ -399,13 +399,12 @@ def segment_command(arguments) -> int:
     from accelerate.utils import gather_object
 
     from ..evaluation.dataset_evaluation import distributed_state
-    from ..utils.precision import resolve_dtype
     from .image_collections import open_collection
-    from .model_loading import load_model_and_processor, resolve_device
+    from .model_loading import load_model_and_processor, resolve_device, resolve_model_dtype
 
     state = distributed_state()
     device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
-    dtype, dtype_choice = resolve_dtype(arguments.dtype, device)
+    dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
     writer = OUTPUT_WRITERS["semantic"]
     collection = open_collection(arguments.images, arguments.dataset, arguments.split, arguments.streaming,
                                  arguments.image_column, arguments.id_column)

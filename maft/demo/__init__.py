@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from . import app as demo_app
-from ..cli.model_loading import check_model, default_model_path
+from ..cli.model_loading import check_model, default_model_path, resolve_device, resolve_model_dtype
 
 
 INSTALL_HINT = 'pip install "maft[demo]"'
@@ -49,11 +49,8 @@ def launch_demo(model: str | None, device: str | None, host: str, port: int, dty
     require_gradio()
     from maft import MaftModel  # noqa: F401  registers MAFT and its pipeline task with transformers
 
-    from ..cli.model_loading import resolve_device
-    from ..utils.precision import resolve_dtype
-
     torch_device = resolve_device(device)
-    dtype, dtype_choice = resolve_dtype(dtype, torch_device)
+    dtype, dtype_choice = resolve_model_dtype(model, dtype, torch_device)
     if dtype_choice:
         print(f"maft demo: {dtype_choice}")
     examples = bundled_examples()
