@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="cached calls per precision")
     arguments = parser.parse_args()
 
+    from maft.cli.model_loading import count_parameters
     from maft.utils.precision import NATIVE_BFLOAT16_CPU_FLAGS, choose_dtype, cpu_flags
     from maft.utils.output_files import write_json
 
@@ -149,7 +150,8 @@ def main() -> None:
     shown_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", *NATIVE_BFLOAT16_CPU_FLAGS, "amx_tile") if flag in flags]
     machine = {"cpu": cpu_model_name(), "flags": shown_flags, "cores": os.cpu_count(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d", time.gmtime()), "load_average": os.getloadavg()[0],
-               "auto_dtype": choose_dtype("cpu").name}
+               "auto_dtype_large_model": choose_dtype("cpu").name,
+               "auto_dtype_bundled_model": choose_dtype("cpu", count_parameters()).name}
     rows = []
     with tempfile.TemporaryDirectory() as workspace:
         workspace = Path(workspace)
@@ -165,7 +167,8 @@ def main() -> None:
     cached = cached_call_seconds(arguments.threads, arguments.calls)
 
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores; flags: {', '.join(shown_flags)}; torch {machine['torch']}; "
-          f"{machine['date']}; load average {machine['load_average']:.1f}; --dtype auto chooses {machine['auto_dtype']}")
+          f"{machine['date']}; load average {machine['load_average']:.1f}; --dtype auto chooses "
+          f"{machine['auto_dtype_bundled_model']} for the bundled model, {machine['auto_dtype_large_model']} for large ones")
     print(f"\n{arguments.images} photos (480x360 to 640x480 JPEG), bundled model, {arguments.threads} threads in all\n")
     print("| variant | dtype | images/s | vs before |\n|---|---|---:|---:|")
     for row in rows:

@@ -84,6 +84,8 @@ def test_inputs_that_name_no_images_are_refused(collection, tmp_path, capsys):
     assert "matches no images" in capsys.readouterr().err
     assert segment(model, [str(folder)], tmp_path / "out", "--dataset", str(folder)) == 1
     assert "not both or neither" in capsys.readouterr().err
+    assert segment(model, [str(folder)], tmp_path / "out", "--push-to-hub", "user/labels") == 1
+    assert capsys.readouterr().err == "maft segment: --push-to-hub publishes the dataset output: add --output-format dataset\n"
 
 
 def test_a_streamed_dataset_is_read_as_it_goes(collection, tmp_path, monkeypatch):

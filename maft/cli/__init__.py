@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter.add_argument("--batch-size", type=positive_int, default=4,
                            help="images per forward pass (default: 4; every batch size gives the same label maps)")
     segmenter.add_argument("--num-workers", type=non_negative_int, default=2,
-                           help="processes reading and preprocessing images while the model runs (default: 2; 0: none)")
+                           help="processes reading and preprocessing images, and as many writing outputs, while the model "
+                                "runs (default: 2; 0: all in this process)")
     segmenter.add_argument("--overwrite", action="store_true", help="segment every image again, even where its outputs are complete")
     segmenter.add_argument("--output-format", choices=["files", "dataset"], default="files",
                            help="dataset: also a datasets dataset of label maps and class fractions (OUTPUT/dataset, "

@@ -99,16 +99,20 @@ def check_model(name_or_path: str | os.PathLike) -> None:
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def count_parameters(name_or_path: str | os.PathLike | None = None) -> int:
+def count_parameters(name_or_path: str | os.PathLike | None = None) -> int | None:
     """The number of parameters a model's safetensors weights hold, read from their headers (a folder's files, or a
-    Hub model's metadata), without loading them; None is the bundled model."""
+    Hub model's metadata), without loading them; None is the bundled model. For a Hub model whose metadata cannot be
+    read (offline), None: not known."""
     from safetensors import safe_open
 
     location = default_model_path() if name_or_path is None else Path(name_or_path)
     if not location.exists() and is_hub_id(name_or_path):
         from huggingface_hub import get_safetensors_metadata
 
-        return sum(get_safetensors_metadata(str(name_or_path)).parameter_count.values())
+        try:
+            return sum(get_safetensors_metadata(str(name_or_path)).parameter_count.values())
+        except Exception:  # offline, or no metadata: the size is not known, and auto decides without it
+            return None
     total = 0
     for path in sorted(location.glob("*.safetensors")):
         with safe_open(path, framework="pt") as weights:

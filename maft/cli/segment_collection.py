@@ -14,11 +14,14 @@ resumable.
 """
 
 import json
+import multiprocessing
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,7 +329,7 @@ def segment_collection(model, processor, collection: ImageCollection, class_name
     """Segments this process's share of `collection` into `class_names` and writes each image's outputs with
     `writer` into `output`; returns what this process did. The vocabulary is encoded once. `batch_size` images go
     through the model at a time (the label maps equal those of one at a time); `num_workers` DataLoader processes
-    read and preprocess images meanwhile. An image that fails is reported (one line on stderr) and counted. With
+    read and preprocess images meanwhile, and as many processes write the outputs. An image that fails is reported (one line on stderr) and counted. With
     `dataset_rows` (a list), every image of the share that ends complete adds its `dataset_row` to it. `state`: the
     processes sharing the work (default: those `accelerate launch` started); `progress` records this process's
     counts (default: a `SharedProgress` in `output`, which this call closes)."""
@@ -352,6 +355,26 @@ def segment_collection(model, processor, collection: ImageCollection, class_name
         if dataset_rows is not None:
             dataset_rows.append(dataset_row(output, writer, image, class_names))
 
+    # Writing (rendering and compressing PNGs) costs more than segmenting small models: with workers, processes of
+    # their own write while the model runs. Writes are finished in order, at most `max_writing` left pending.
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork")) if num_workers else None
+    writing: deque[tuple[CollectionImage, Future]] = deque()
+    max_writing = 2 * max(num_workers, batch_size)
+
+    def finish_writes(wait_for: int) -> None:
+        """Finishes the writes that are done, and the oldest `wait_for` even if they are not."""
+        while writing and (wait_for > 0 or writing[0][1].done()):
+            image, future = writing.popleft()
+            wait_for -= 1
+            try:
+                future.result()
+                add_row(image)
+                summary.done += 1
+            except Exception as error:
+                if debug:
+                    traceback.print_exception(error)
+                fail(image, failure_message(error))
+
     try:
         for batch in loader:
             summary.skipped += len(batch.skipped)
@@ -371,18 +394,23 @@ def segment_collection(model, processor, collection: ImageCollection, class_name
                         fail(image, failure_message(error))
                     label_maps = []
                 for image, pixels, label_map in zip(batch.images, batch.pixels, label_maps):
-                    try:
-                        writer.write(output, image.name, pixels, label_map.cpu().numpy(), list(class_names), source=image.source)
-                        add_row(image)
-                        summary.done += 1
-                    except Exception as error:
-                        if debug:
-                            traceback.print_exc()
-                        fail(image, failure_message(error))
+                    arguments = (output, image.name, pixels, label_map.cpu().numpy(), list(class_names))
+                    if pool is None:
+                        writing.append((image, Future()))
+                        try:
+                            writing[-1][1].set_result(writer.write(*arguments, source=image.source))
+                        except Exception as error:
+                            writing[-1][1].set_exception(error)
+                    else:
+                        writing.append((image, pool.submit(writer.write, *arguments, source=image.source)))
+            finish_writes(wait_for=len(writing) - max_writing)
             summary.seconds = time.perf_counter() - started
             progress.record(summary)
+        finish_writes(wait_for=len(writing))
         progress.record(summary, force=True)
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if owns_progress:
             progress.close(summary)
     summary.seconds = time.perf_counter() - started
@@ -395,6 +423,8 @@ def segment_command(arguments) -> int:
     failed or the upload did."""
     from ..utils.output_files import prepare_output_folder
 
+    if arguments.push_to_hub and arguments.output_format != "dataset":
+        raise ValueError("--push-to-hub publishes the dataset output: add --output-format dataset")
     output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
     from accelerate.utils import gather_object
 
