@@ -110,7 +110,7 @@ def run_segment(folder: Path, output: Path, batch_size: int, workers: int, proce
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     match = re.search(r"segmented (\d+) of (\d+) images .* ([0-9.]+) images/s", result.stdout)
-    choice = re.search(r"dtype auto: (\w+)", result.stderr)
+    choice = re.search(r"dtype auto: (\w+)", result.stdout)
     return float(match[3]), choice[1] if choice else dtype
 
 

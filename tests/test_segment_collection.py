@@ -239,7 +239,7 @@ def test_the_summary_lists_failures_with_their_reasons(collection, tmp_path, cap
     assert segment(model, [str(paths[0]), str(broken), str(tmp_path / "missing.png")], tmp_path / "out") == 1
     captured = capsys.readouterr()
     assert "segmented 1 of 3 images" in captured.out and "(0 already complete, 2 failed)" in captured.out
-    assert f"  failed: {broken}: " in captured.out and f"failed on {tmp_path / 'missing.png'}" in captured.err
+    assert f"  failed: {broken}: " in captured.out and f"skipped {tmp_path / 'missing.png'}" in captured.err
     failures = json.loads((tmp_path / "out" / "maft-failures.json").read_text())["failed"]
     assert [failure["image"] for failure in failures] == [str(broken), str(tmp_path / "missing.png")]
 
@@ -280,15 +280,15 @@ def test_segment_says_which_dtype_auto_chose(collection, tmp_path, monkeypatch, 
     monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
     assert main(["segment", str(paths[0]), "--labels", LABELS, "--model", str(model), "--output", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
-    assert "maft segment: dtype auto: float32 on cpu, as the CPU has no native bfloat16 (amx_bf16 or avx512_bf16)\n" in capsys.readouterr().err
+    assert "dtype auto: float32 on cpu, as the CPU has no native bfloat16 (amx_bf16 or avx512_bf16)\n" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "maft-manifest.json").read_text())["dtype"] == "float32"
 
     cpuinfo.write_text(CPUINFO.format(extra="amx_bf16"))
     assert main(["segment", str(paths[0]), "--labels", LABELS, "--model", str(model), "--output", str(tmp_path / "small"),
                  "--device", "cpu"]) == 0
-    assert "dtype auto: float32 on cpu, as the model is small (1.8M parameters)" in capsys.readouterr().err
+    assert "dtype auto: float32 on cpu, as the model is small (1.8M parameters)" in capsys.readouterr().out
     monkeypatch.setattr(precision, "SMALL_MODEL_PARAMETERS", 1000)
     assert main(["segment", str(paths[0]), "--labels", LABELS, "--model", str(model), "--output", str(tmp_path / "bf16"),
                  "--device", "cpu"]) == 0
-    assert "dtype auto: bfloat16 on cpu, as the CPU computes bfloat16 natively (amx_bf16)" in capsys.readouterr().err
+    assert "dtype auto: bfloat16 on cpu, as the CPU computes bfloat16 natively (amx_bf16)" in capsys.readouterr().out
     assert json.loads((tmp_path / "bf16" / "maft-manifest.json").read_text())["dtype"] == "bfloat16"

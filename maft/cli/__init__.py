@@ -194,7 +194,7 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
     dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
     if dtype_choice and state.is_main_process:
-        print(f"maft evaluate: {dtype_choice}", file=sys.stderr)
+        print(dtype_choice)
     model, processor = load_model_and_processor(arguments.model, device, dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
     results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names, model.device,

@@ -194,7 +194,7 @@ class SharedProgress:
         if self.total is not None:
             self.bar.total = self.total - counts["skipped"]
         self.bar.n = counts["done"] + counts["failed"]
-        self.bar.set_postfix(skipped=counts["skipped"], failed=counts["failed"], refresh=False)
+        self.bar.set_postfix(complete=counts["skipped"], failed=counts["failed"], refresh=False)
         self.bar.refresh()
 
     def refresh_until_stopped(self) -> None:
@@ -349,7 +349,7 @@ def segment_collection(model, processor, collection: ImageCollection, class_name
 
     def fail(image: CollectionImage, reason: str) -> None:
         summary.failed.append((image.position, image.source, reason))
-        print(f"maft segment: failed on {image.source}: {reason}", file=sys.stderr, flush=True)
+        print(f"maft segment: skipped {image.source}: {reason}", file=sys.stderr, flush=True)
 
     def add_row(image: CollectionImage) -> None:
         if dataset_rows is not None:
@@ -442,7 +442,7 @@ def segment_command(arguments) -> int:
                                    collection.description, arguments.output_format)
     check_manifest(output, manifest, arguments.overwrite)
     if dtype_choice and state.is_main_process:
-        print(f"maft segment: {dtype_choice}", file=sys.stderr)
+        print(dtype_choice)
     model, processor = load_model_and_processor(arguments.model, device, dtype)
     if state.is_main_process:  # before any process writes: what a killed run left half-written
         for leftover in output.glob(".*.partial-*"):

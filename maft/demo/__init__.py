@@ -52,7 +52,7 @@ def launch_demo(model: str | None, device: str | None, host: str, port: int, dty
     torch_device = resolve_device(device)
     dtype, dtype_choice = resolve_model_dtype(model, dtype, torch_device)
     if dtype_choice:
-        print(f"maft demo: {dtype_choice}")
+        print(dtype_choice)
     examples = bundled_examples()
     demo = demo_app.build_demo(model or str(default_model_path()), str(torch_device), examples, dtype)
     demo_app.serve(demo, server_name=host, server_port=port, share=False, allowed_paths=[str(Path(examples[0][0]).parent)])
