@@ -34,22 +34,22 @@ def segment_image(model, processor, image: ImageLike, text_embeds: torch.Tensor)
 
 
 def post_process_objects(
-    processor, outputs, task: str, target_size: tuple[int, int], stuff_label_ids: Collection[int] = (), **thresholds: float
-) -> dict:
-    """`processor.post_process_{task}_segmentation` ("instance" or "panoptic") of a one-image output at `target_size`,
-    with `stuff_label_ids` as the classes that are stuff (fused in panoptic, left out of instances) and `thresholds`
-    (`threshold`, `mask_threshold`, `overlap_mask_area_threshold`): `{"segmentation", "segments_info"}`."""
+    processor, outputs, task: str, target_sizes: list[tuple[int, int]], stuff_label_ids: Collection[int] = (),
+    **thresholds: float,
+) -> list[dict]:
+    """`processor.post_process_{task}_segmentation` ("instance" or "panoptic") of a batch's `outputs` at `target_sizes`
+    (one per image), with `stuff_label_ids` as the classes that are stuff (fused in panoptic, left out of instances) and
+    `thresholds` (`threshold`, `mask_threshold`, `overlap_mask_area_threshold`): per image
+    `{"segmentation", "segments_info"}`."""
     if task == "panoptic":
-        (result,) = processor.post_process_panoptic_segmentation(
-            outputs, label_ids_to_fuse=stuff_label_ids, target_sizes=[target_size], **thresholds
+        return processor.post_process_panoptic_segmentation(
+            outputs, label_ids_to_fuse=stuff_label_ids, target_sizes=target_sizes, **thresholds
         )
-    elif task == "instance":
-        (result,) = processor.post_process_instance_segmentation(
-            outputs, stuff_label_ids=stuff_label_ids, target_sizes=[target_size], **thresholds
+    if task == "instance":
+        return processor.post_process_instance_segmentation(
+            outputs, stuff_label_ids=stuff_label_ids, target_sizes=target_sizes, **thresholds
         )
-    else:
-        raise ValueError(f"task must be 'instance' or 'panoptic', got {task!r}")
-    return result
+    raise ValueError(f"task must be 'instance' or 'panoptic', got {task!r}")
 
 
 def segment_objects(
@@ -59,7 +59,7 @@ def segment_objects(
     """The `task` segmentation of `image` at its size (see `post_process_objects`): the (H, W) segment ids (instance
     ids from 0, -1 where no instance is; panoptic ids from 1, 0 where no segment is) and the segments' infos."""
     outputs, size = model_outputs(model, processor, image, text_embeds)
-    result = post_process_objects(processor, outputs, task, size, stuff_label_ids, **thresholds)
+    (result,) = post_process_objects(processor, outputs, task, [size], stuff_label_ids, **thresholds)
     return result["segmentation"].cpu().numpy(), result["segments_info"]
 
 
@@ -114,5 +114,5 @@ def segment_with_masks(
     size = tuple(masks.shape[-2:])
     if task == "semantic":
         return at_image_size(processor).post_process_semantic_segmentation(outputs, target_sizes=[size])[0].numpy()
-    result = post_process_objects(at_image_size(processor), outputs, task, size, stuff_label_ids, **thresholds)
+    (result,) = post_process_objects(at_image_size(processor), outputs, task, [size], stuff_label_ids, **thresholds)
     return result["segmentation"].cpu().numpy(), result["segments_info"]

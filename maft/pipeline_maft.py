@@ -209,8 +209,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
                 raise ValueError(f"{', '.join(given)} apply to subtask 'instance' or 'panoptic', not 'semantic'")
             return self.semantic_segments(outputs, model_outputs["target_size"], candidate_labels)
         stuff_ids = stuff_label_ids(stuff_labels, candidate_labels)
-        result = post_process_objects(
-            self.processor, outputs, subtask, model_outputs["target_size"], stuff_ids, **thresholds
+        (result,) = post_process_objects(
+            self.processor, outputs, subtask, [model_outputs["target_size"]], stuff_ids, **thresholds
         )
         segmentation = result["segmentation"]
         return [

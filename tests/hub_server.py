@@ -1,5 +1,6 @@
 """A Hugging Face Hub stand-in on 127.0.0.1: the part of the Hub HTTP API that huggingface_hub's uploads and downloads
-use (repo creation, repo info, preupload, commit, file resolution, tree listing), for model repos, in memory. It does
+use (repo creation, repo info, preupload, commit, file resolution, tree listing), for model and dataset repos (in one
+namespace), in memory. It does
 not validate model-card metadata (it accepts every card)."""
 
 import base64
@@ -109,9 +110,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self.create_repo(json.loads(body))
         if path == "/api/validate-yaml":  # model-card metadata check before an upload; this stand-in accepts all
             return self.send_json(200, {})
-        if match := re.fullmatch(r"/api/models/(.+)/preupload/([^/]+)", path):
+        if match := re.fullmatch(r"/api/(?:models|datasets)/(.+)/preupload/([^/]+)", path):
             return self.preupload(match[1], json.loads(body))
-        if match := re.fullmatch(r"/api/models/(.+)/commit/([^/]+)", path):
+        if match := re.fullmatch(r"/api/(?:models|datasets)/(.+)/commit/([^/]+)", path):
             return self.create_commit(match[1], body)
         self.unknown(body)
 
@@ -126,11 +127,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.server_hub.answering.wait()
         if path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: an empty one
             return self.send_json(200, {"standardEnvVars": [], "harnesses": {}})
-        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
+        if match := re.fullmatch(r"/api/(?:models|datasets)/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
             return self.repo_info(match[1], match[2] or "main")
-        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path):
+        if match := re.fullmatch(r"/api/(?:models|datasets)/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path):
             return self.tree(match[1], match[2], match[3] or "")
-        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+        if match := re.fullmatch(r"(?:/datasets)?/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             return self.resolve(match[1], match[2], match[3], send_body)
         self.unknown(b"")
 

@@ -185,7 +185,7 @@ def test_segment_reports_each_failing_image_and_goes_on(inputs, tmp_path):
     written = sorted(path.name for path in output.iterdir())
     assert written == sorted(
         [f"{name}{suffix}" for name in ("photo-1", "photo-7", "deep", "tall", "wide") for suffix in ("_overlay.png", "_labels.png", ".json")]
-        + ["blocked_labels.png"]
+        + ["blocked_labels.png", "maft-manifest.json", "maft-failures.json", ".maft-progress"]
     )
     assert json.loads((output / "photo-7.json").read_text())["image"] == "b/photo.png"
     assert np.asarray(Image.open(output / "tall_labels.png")).shape == (4000, 1)  # resized to at least one pixel across

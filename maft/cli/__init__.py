@@ -6,7 +6,6 @@ whose final model is saved but did not reach the Hub ends with exit code 3 (`EXI
 import argparse
 import math
 import sys
-import traceback
 from pathlib import Path
 
 from .model_loading import MODEL_DTYPES
@@ -54,6 +53,17 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """'0' -> 0; negative and non-integer values are refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text!r}")
+    return value
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (its lines joined by '; '); the error's kind if it has no message."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
@@ -69,41 +79,11 @@ def failure_message(error: BaseException) -> str:
 
 
 def segment(arguments: argparse.Namespace) -> int:
-    """Segments each image into the given classes and writes its files (see `segment_files_writer`); an image that
-    fails is reported and skipped, and the exit code is then 1."""
-    from maft.utils.output_files import distinct_output_names, prepare_output_folder
+    """Segments a collection of images (files, folders, patterns, path lists or a dataset) into the given classes;
+    see `maft.cli.segment_collection`."""
+    from maft.cli.segment_collection import segment_command
 
-    stuff_label_ids = check_stuff(arguments.task, arguments.stuff, arguments.labels)
-    output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
-    from tqdm.auto import tqdm
-
-    from maft.inference import encode_vocabulary
-    from maft.cli.model_loading import load_model_and_processor
-    from maft.processing_maft import to_rgb_array
-
-    model, processor = load_model_and_processor(arguments.model, arguments.device, arguments.dtype)
-    text_embeds = encode_vocabulary(model, processor, arguments.labels)  # once; a bad vocabulary fails once
-    sam = None
-    if arguments.proposals == "sam":
-        from maft.utils.sam_proposals import SamMaskGenerator
-
-        sam = SamMaskGenerator.from_pretrained(
-            arguments.sam_model, model.device, points_per_side=arguments.sam_points_per_side,
-            pred_iou_threshold=arguments.sam_pred_iou_threshold, stability_score_threshold=arguments.sam_stability_threshold,
-        )
-    segment_and_write = segment_files_writer(arguments, model, processor, text_embeds, stuff_label_ids, output, sam)
-    failures = 0
-    names = distinct_output_names(arguments.images)
-    for image_path, name in zip(tqdm(arguments.images, desc="segmenting", unit="image"), names):
-        try:
-            segment_and_write(to_rgb_array(image_path), name, str(image_path))
-        except Exception as error:
-            failures += 1
-            if arguments.debug:
-                traceback.print_exc()
-            tqdm.write(f"maft segment: skipped {image_path}: {failure_message(error)}", file=sys.stderr)
-    print(f"segmented {len(arguments.images) - failures} of {len(arguments.images)} images into {output}")
-    return 1 if failures else 0
+    return segment_command(arguments)
 
 
 def check_stuff(task: str, stuff: list[str], labels: list[str]) -> set[int]:
@@ -114,38 +94,6 @@ def check_stuff(task: str, stuff: list[str], labels: list[str]) -> set[int]:
     if missing:
         raise ValueError(f"--stuff must name classes of --labels; not among them: {', '.join(missing)}")
     return {labels.index(name) for name in stuff}
-
-
-def segment_files_writer(arguments: argparse.Namespace, model, processor, text_embeds, stuff_label_ids: set[int], output: Path,
-                         sam=None):
-    """`write(image, name, source)`: segments one image for --task and writes its files into `output`; with `sam` (a
-    `SamMaskGenerator`), its masks are the proposals, each named by the model's IP-CLIP."""
-    from maft.inference import segment_image, segment_objects, segment_with_masks
-    from maft.utils.output_files import write_instance_files, write_panoptic_files, write_segmentation_files
-
-    thresholds = {"threshold": arguments.threshold, "mask_threshold": arguments.mask_threshold,
-                  "overlap_mask_area_threshold": arguments.overlap_mask_area_threshold}
-
-    def segmentation_of(image):
-        """The label map (semantic), or the segment ids and infos (instance, panoptic), of one image."""
-        if sam is not None:
-            objects = {} if arguments.task == "semantic" else {"stuff_label_ids": stuff_label_ids, **thresholds}
-            return segment_with_masks(model, processor, image, sam(image), text_embeds, arguments.task, **objects)
-        if arguments.task == "semantic":
-            return segment_image(model, processor, image, text_embeds)
-        return segment_objects(model, processor, image, text_embeds, arguments.task, stuff_label_ids, **thresholds)
-
-    if arguments.task == "semantic":
-        def write(image, name: str, source: str) -> None:
-            write_segmentation_files(output, name, image, segmentation_of(image), arguments.labels, source=source)
-        return write
-
-    write_files = write_panoptic_files if arguments.task == "panoptic" else write_instance_files
-
-    def write(image, name: str, source: str) -> None:
-        segmentation, segments_info = segmentation_of(image)
-        write_files(output, name, image, segmentation, segments_info, arguments.labels, stuff_label_ids, source=source)
-    return write
 
 
 def ipclip_example(arguments: argparse.Namespace) -> int:
@@ -284,9 +232,14 @@ def evaluate_command(arguments: argparse.Namespace) -> int:
     from maft.evaluation.dataset_evaluation import distributed_state
     from maft.cli.model_loading import load_model_and_processor
 
+    from maft.cli.model_loading import resolve_device, resolve_model_dtype
+
     state = distributed_state()  # under `accelerate launch`, every process evaluates its shard; the main one reports
-    device = arguments.device or (state.device if state.num_processes > 1 else None)
-    model, processor = load_model_and_processor(arguments.model, device, arguments.dtype)
+    device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
+    dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
+    if dtype_choice and state.is_main_process:
+        print(dtype_choice)
+    model, processor = load_model_and_processor(arguments.model, device, dtype)
     dataset, class_names, ignore_index = dataset_and_classes(arguments, arguments.dataset, default_split="val")
     if arguments.task == "semantic":
         results = evaluate_on_dataset(model, processor, dataset, class_names, ignore_index, arguments.unseen_class_names,
@@ -355,7 +308,7 @@ def demo_command(arguments: argparse.Namespace) -> int:
             raise ValueError("--write-space needs --model: the Hub repository the Space runs, e.g. --model org/maft-model")
         print(f"wrote a Space for {arguments.model} into {write_space(arguments.write_space, arguments.model)}")
     else:
-        launch_demo(arguments.model, arguments.device, arguments.host, arguments.port)
+        launch_demo(arguments.model, arguments.device, arguments.host, arguments.port, arguments.dtype)
     return 0
 
 
@@ -382,7 +335,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 DEVICE_HELP = "any torch device: cpu, cuda, cuda:1, mps, xpu... (default: cuda if available, else cpu)"
 DEBUG_HELP = "on failure, show the traceback instead of one line"
-DTYPE_HELP = "precision of the model; in float16 the pixel decoder stays float32 (default: float32)"
+DTYPE_HELP = ("precision of the model; auto: bfloat16 where the device computes it natively (CPUs with AVX512-BF16 or "
+              "AMX, recent GPUs), else float32; in float16 the pixel decoder stays float32 (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,19 +351,38 @@ def build_parser() -> argparse.ArgumentParser:
     example.set_defaults(handler=ipclip_example)
 
     segmenter = commands.add_parser(
-        "segment", parents=[common], help="segment images into any list of class names",
+        "segment", parents=[common], help="segment images or a whole collection into any list of class names",
         description="Writes, per image, into --output: NAME_overlay.png, NAME.json and, with --task semantic, "
         "NAME_labels.png (class indices); panoptic, NAME_panoptic.png (COCO panoptic: segment id = R + 256 G + 256^2 B; "
         "NAME.json holds the COCO segments_info and categories); instance, NAME_instance-K.png (one mask per instance, "
         "K from 1, best first; NAME.json lists them). NAME is the image's file name without suffix; images sharing a "
-        "NAME (a/photo.png, b/photo.png) get NAME-N, N the image's position on the command line.",
+        "NAME (a/photo.png, b/photo.png) get NAME-N, N the image's position in the collection); for a dataset, NAME is "
+        "the --id-column or the row's position. A rerun into the same --output skips images whose files are complete; "
+        "under `accelerate launch` each process segments its share.",
     )
-    segmenter.add_argument("images", nargs="+", help="image files")
+    segmenter.add_argument("images", nargs="*",
+                           help="image files, folders (searched recursively), glob patterns (quoted) or .txt files of paths")
+    segmenter.add_argument("--dataset", help="instead of images: a dataset saved with save_to_disk (folder) or a Hub dataset name")
+    segmenter.add_argument("--split", help="with --dataset: the split, for datasets that have several")
+    segmenter.add_argument("--streaming", action="store_true", help="with --dataset: read it as it goes, never whole")
+    segmenter.add_argument("--image-column", default="image", help="with --dataset: the column of images (default: image)")
+    segmenter.add_argument("--id-column", help="with --dataset: the column naming each image's outputs (default: its position)")
     segmenter.add_argument("--labels", required=True, type=parse_labels, help='class names, e.g. "cat, sofa, wall"')
     segmenter.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
     segmenter.add_argument("--output", type=Path, default=Path("segmentations"), help="output directory")
+    segmenter.add_argument("--batch-size", type=positive_int, default=4,
+                           help="images per forward pass (default: 4; every batch size gives the same label maps)")
+    segmenter.add_argument("--num-workers", type=non_negative_int, default=2,
+                           help="processes reading and preprocessing images, and as many writing outputs, while the model "
+                                "runs (default: 2; 0: all in this process)")
+    segmenter.add_argument("--overwrite", action="store_true", help="segment every image again, even where its outputs are complete")
+    segmenter.add_argument("--output-format", choices=["files", "dataset"], default="files",
+                           help="dataset: also a datasets dataset of label maps and class fractions (OUTPUT/dataset, "
+                                "and Parquet shards in OUTPUT/dataset-parquet); default: files")
+    segmenter.add_argument("--push-to-hub", metavar="ORG/NAME", help="with --output-format dataset: upload it to this Hub dataset")
+    segmenter.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     segmenter.add_argument("--device", help=DEVICE_HELP)
-    segmenter.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
+    segmenter.add_argument("--dtype", default="auto", choices=("auto", *MODEL_DTYPES), help=DTYPE_HELP)
     segmenter.add_argument("--task", default="semantic", choices=["semantic", "instance", "panoptic"],
                            help="semantic: a class per pixel; instance: separate objects; panoptic: objects of the thing "
                                 "classes and one region per stuff class (default: semantic)")
@@ -506,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="images per forward pass (default: 1, as the original evaluates; any batch size gives "
                                 "the same metrics)")
     evaluator.add_argument("--device", help=DEVICE_HELP)
-    evaluator.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=DTYPE_HELP)
+    evaluator.add_argument("--dtype", default="auto", choices=("auto", *MODEL_DTYPES), help=DTYPE_HELP)
     evaluator.set_defaults(handler=evaluate_command)
 
     converter = commands.add_parser("convert", parents=[common], help="convert an original MAFT checkpoint (detectron2 .pt/.pth)")
@@ -525,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", help="model directory or Hub id (default: the bundled model)")
     demo.add_argument("--device", help=DEVICE_HELP)
+    demo.add_argument("--dtype", default="auto", choices=("auto", *MODEL_DTYPES), help=DTYPE_HELP)
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface); default: 127.0.0.1")
     demo.add_argument("--port", type=int, default=7860, help="default: 7860")
     demo.add_argument("--write-space", type=Path, metavar="DIR",

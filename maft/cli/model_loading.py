@@ -2,6 +2,7 @@
 checked first so that a missing, damaged or foreign model is named in the error; and the torch device it runs on."""
 
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -82,6 +83,39 @@ def check_model(name_or_path: str | os.PathLike) -> None:
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def count_parameters(name_or_path: str | os.PathLike | None = None) -> int | None:
+    """The number of parameters a model's safetensors weights hold, read from their headers (a folder's files, or a
+    Hub model's metadata), without loading them; None is the bundled model. For a Hub model whose metadata cannot be
+    read (offline), None: not known."""
+    from safetensors import safe_open
+
+    location = default_model_path() if name_or_path is None else Path(name_or_path)
+    if not location.exists() and is_hub_id(name_or_path):
+        from huggingface_hub import get_safetensors_metadata
+
+        try:
+            return sum(get_safetensors_metadata(str(name_or_path)).parameter_count.values())
+        except Exception:  # offline, or no metadata: the size is not known, and auto decides without it
+            return None
+    total = 0
+    for path in sorted(location.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():
+                total += math.prod(weights.get_slice(name).get_shape())
+    return total
+
+
+def resolve_model_dtype(name_or_path: str | os.PathLike | None, dtype: str, device: "str | torch.device") -> tuple[str, str | None]:
+    """(`dtype`, or for "auto" what `maft.utils.precision.choose_dtype` chooses for the model on `device`; the line
+    saying what auto chose and why, else None). The model is checked first (`check_model`)."""
+    from ..utils.precision import resolve_dtype
+
+    if dtype != "auto":
+        return dtype, None
+    check_model(default_model_path() if name_or_path is None else name_or_path)
+    return resolve_dtype(dtype, device, count_parameters(name_or_path))
 
 
 def load_model_and_processor(

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from . import app as demo_app
-from ..cli.model_loading import check_model, default_model_path
+from ..cli.model_loading import check_model, default_model_path, resolve_device, resolve_model_dtype
 
 
 INSTALL_HINT = 'pip install "maft[demo]"'
@@ -41,15 +41,20 @@ def bundled_examples() -> list[list[str]]:
     return examples
 
 
-def launch_demo(model: str | None, device: str | None, host: str, port: int) -> None:
-    """Serves the demo on http://host:port until interrupted; `model` None is the bundled model."""
+def launch_demo(model: str | None, device: str | None, host: str, port: int, dtype: str = "float32") -> None:
+    """Serves the demo on http://host:port until interrupted; `model` None is the bundled model. `dtype` "auto"
+    chooses the fastest precision of the device (`maft.utils.precision`) and says which."""
     if model:
         check_model(model)
     require_gradio()
     from maft import MaftModel  # noqa: F401  registers MAFT and its pipeline task with transformers
 
+    torch_device = resolve_device(device)
+    dtype, dtype_choice = resolve_model_dtype(model, dtype, torch_device)
+    if dtype_choice:
+        print(dtype_choice)
     examples = bundled_examples()
-    demo = demo_app.build_demo(model or str(default_model_path()), device, examples)
+    demo = demo_app.build_demo(model or str(default_model_path()), str(torch_device), examples, dtype)
     demo_app.serve(demo, server_name=host, server_port=port, share=False, allowed_paths=[str(Path(examples[0][0]).parent)])
 
 

@@ -107,14 +107,17 @@ def legend_html(legend: list[dict]) -> str:
     return f'<table class="maft-legend"><tr><th></th><th>class</th><th>segments</th><th>area</th></tr>{rows}</table>'
 
 
-def build_demo(model: str, device: str | None = None, examples: list[list[str]] = ()) -> "gradio.Blocks":  # noqa: F821
-    """The Gradio Blocks of the demo for `model` (a Hub id or a folder): an image (uploaded, or one of `examples`, each
-    [image path, class names]), class names, and the result. The model is loaded once, here."""
+def build_demo(model: str, device: str | None = None, examples: list[list[str]] = (),
+               dtype: str = "float32") -> "gradio.Blocks":  # noqa: F821
+    """The Gradio Blocks of the demo for `model` (a Hub id or a folder) in `dtype` (a torch dtype's name): an image
+    (uploaded, or one of `examples`, each [image path, class names]), class names, and the result. The model is loaded
+    once, here."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
+    import torch
     from transformers import pipeline
 
-    segmenter = pipeline(TASK, model=model, trust_remote_code=True, device=device)
+    segmenter = pipeline(TASK, model=model, trust_remote_code=True, device=device, dtype=getattr(torch, dtype))
 
     def run(image: Image.Image | None, text: str, task: str, stuff_text: str) -> tuple[Image.Image, str]:
         if image is None:

@@ -85,6 +85,11 @@ def distinct_output_names(image_paths: Sequence[str | os.PathLike]) -> list[str]
         names = [f"{name}-{position}" if counts[name.casefold()] > 1 else name for position, name in enumerate(names, 1)]
 
 
+def segmentation_file_paths(folder: Path, name: str) -> list[Path]:
+    """The files `write_segmentation_files` writes for the image named `name`: overlay, label map, summary."""
+    return [folder / f"{name}_overlay.png", folder / f"{name}_labels.png", folder / f"{name}.json"]
+
+
 def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_map: np.ndarray,
                              class_names: Sequence[str], source: str) -> list[Path]:
     """Writes the set of files `maft segment` makes for one image, all-or-nothing, and returns their paths:
@@ -93,10 +98,11 @@ def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_m
     from .visualization import class_fractions, label_map_image, render_overlay
 
     summary = {"image": source, "labels": list(class_names), "fractions": class_fractions(label_map, list(class_names))}
+    overlay, labels, summary_path = segmentation_file_paths(folder, name)
     writers = {
-        folder / f"{name}_overlay.png": render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
-        folder / f"{name}_labels.png": label_map_image(label_map).save,
-        folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
+        overlay: render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
+        labels: label_map_image(label_map).save,
+        summary_path: lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
     write_files_atomically(writers)
     return list(writers)
@@ -115,6 +121,17 @@ def coco_segment(mask: np.ndarray, segment: dict, segment_id: int) -> dict:
     box, area = segment_box_and_area(mask)
     return {"id": segment_id, "category_id": segment["label_id"] + 1, "iscrowd": 0, "area": area, "bbox": box,
             "score": round(float(segment["score"]), 6)}
+
+
+def panoptic_file_paths(folder: Path, name: str) -> list[Path]:
+    """The files `write_panoptic_files` writes for the image named `name`: overlay, COCO panoptic PNG, annotation."""
+    return [folder / f"{name}_overlay.png", folder / f"{name}_panoptic.png", folder / f"{name}.json"]
+
+
+def instance_file_paths(folder: Path, name: str) -> list[Path]:
+    """The files `write_instance_files` writes for every image named `name`, whatever its instances: overlay and
+    summary (the summary lists the instance masks, which are written with it, all-or-nothing)."""
+    return [folder / f"{name}_overlay.png", folder / f"{name}.json"]
 
 
 def write_panoptic_files(folder: Path, name: str, image: np.ndarray, segmentation: np.ndarray, segments_info: list[dict],
