@@ -23,6 +23,7 @@ OPT_OUT = re.compile(r"<!-- snippet: not run \(([^)]+)\) -->")
 # Runs a page's blocks in order in one namespace, as a reader would, and names the block that failed.
 RUNNER = """
 import json, sys, traceback
+sys.path.remove("")  # maft from the installed checkout, not through the folder's link (kernels are cached by source path)
 namespace = {"__name__": "__main__"}
 for number, code in json.load(sys.stdin):
     try:
@@ -67,8 +68,7 @@ def test_the_site_builds_strictly_with_its_api_reference(tmp_path):
 @pytest.mark.parametrize("page", [page for page in PAGES if python_blocks(page.read_text())], ids=page_id)
 def test_the_python_snippets_run_as_written(page, tmp_path):
     """From a folder that sees the checkout's `maft/` (the bundled model and scenes) as the repository's root does,
-    in a fresh Python, offline; files the snippets write stay in that folder. `-P`: the package is imported from the
-    installed checkout, not through the link (its compiled kernels are cached by source path)."""
+    in a fresh Python, offline; files the snippets write stay in that folder."""
     blocks = python_blocks(page.read_text())
     to_run = [(number, code) for number, (code, reason) in enumerate(blocks, 1) if reason is None]
     if not to_run:
@@ -76,7 +76,7 @@ def test_the_python_snippets_run_as_written(page, tmp_path):
     for name in ("maft", "model_cards"):
         (tmp_path / name).symlink_to(REPO_ROOT / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    process = subprocess.run([sys.executable, "-P", "-c", RUNNER], input=json.dumps(to_run), cwd=tmp_path, env=env,
+    process = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(to_run), cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-6000:]
 
