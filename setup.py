@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 DEMO_REQUIRES = ["gradio>=6,<7"]
 # the reference implementations the panoptic and instance metrics are tested against
 METRIC_REFERENCES = ["torchmetrics>=1.4", "faster-coco-eval>=1.6"]
+# the documentation site (mkdocs.yml); the tests build it, so the test extra includes it
+DOCS_REQUIRES = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings-python>=1.10"]
 
 setup(
     name="maft",
@@ -36,8 +38,9 @@ setup(
     ],
     extras_require={
         "demo": DEMO_REQUIRES,
+        "docs": DOCS_REQUIRES,
         # the demo's browser test drives Debian's chromium (/usr/bin/chromium) with Playwright
-        "test": ["pytest>=8", *DEMO_REQUIRES, "playwright>=1.40", *METRIC_REFERENCES],
+        "test": ["pytest>=8", *DEMO_REQUIRES, "playwright>=1.40", *METRIC_REFERENCES, *DOCS_REQUIRES],
         "dev": ["pytest>=8", "ruff"],
     },
     entry_points={"console_scripts": ["maft=maft.cli:main"]},

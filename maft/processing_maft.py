@@ -314,23 +314,27 @@ class MaftImageProcessor(BaseImageProcessor):
     Prepares images for [`MaftModel`] as the original MAFT does at test time, and turns its outputs into label maps.
     Every option below can be given at construction and to each call.
 
-    Args:
+    Keyword Args:
         do_resize (`bool`, *optional*, defaults to `True`):
             Resize to `size`, bilinearly (segmentation maps: nearest).
-        size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 640, "longest_edge": 2560}`):
+        size (`dict[str, int]`, *optional*):
             `{"shortest_edge", "longest_edge"}`: the short side becomes `shortest_edge` unless the long side would then
             exceed `longest_edge` (detectron2's ResizeShortestEdge; `longest_edge` may be left out); or
-            `{"height", "width"}`: exactly that size.
-        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Multiply the pixels by `rescale_factor` (0-255 -> 0-1). Floats already in [0, 1] want `do_rescale=False`.
+            `{"height", "width"}`: exactly that size. Defaults to `{"shortest_edge": 640, "longest_edge": 2560}`.
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Multiply the pixels by `rescale_factor`. Floats already in [0, 1] want `do_rescale=False`.
+        rescale_factor (`float`, *optional*, defaults to `1/255`): 0-255 -> 0-1.
         do_normalize (`bool`, *optional*, defaults to `True`):
             Normalise the backbone's view with `image_mean`/`image_std` and the CLIP view with `clip_image_mean`/`clip_image_std`.
-        image_mean, image_std (`list[float]`, *optional*): the backbone's normalisation on the 0-1 scale (ImageNet's).
-        clip_image_mean, clip_image_std (`list[float]`, *optional*): CLIP's normalisation on the 0-1 scale (OpenAI's).
+        image_mean (`list[float]`, *optional*): the backbone's normalisation mean on the 0-1 scale (ImageNet's).
+        image_std (`list[float]`, *optional*): the backbone's normalisation standard deviation (ImageNet's).
+        clip_image_mean (`list[float]`, *optional*): CLIP's normalisation mean on the 0-1 scale (OpenAI's).
+        clip_image_std (`list[float]`, *optional*): CLIP's normalisation standard deviation (OpenAI's).
         clip_image_size (`int`, *optional*, defaults to 480): side of the square image IP-CLIP sees.
-        do_pad (`bool`, *optional*, defaults to `True`), size_divisor (`int`, *optional*, defaults to 32):
+        do_pad (`bool`, *optional*, defaults to `True`):
             Zero-pad (bottom, right) to the batch's largest size rounded up to a multiple of `size_divisor`, as
             detectron2 does (Mask2Former's processor instead resizes to a multiple).
+        size_divisor (`int`, *optional*, defaults to 32): see `do_pad`.
         per_image_clip_view (`bool`, *optional*, defaults to `True`):
             Each image's CLIP view is that image alone, zero-padded to a multiple of `size_divisor` and resized to
             `clip_image_size`, so an image gets the same view alone as in any batch. `False`: the padded batch,

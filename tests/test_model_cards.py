@@ -79,9 +79,9 @@ def test_the_bundled_model_card_states_what_the_reproduction_measured_and_its_sn
     assert labels == [name for index, name in enumerate(class_names) if (expected == index).any()] and not maft_imported
 
 
-def test_the_readme_shows_the_bundled_cards_snippet():
-    """The README's transformers-only snippet is the one the test above runs without maft."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("## Use a shared model with transformers only"):]
+def test_the_docs_show_the_bundled_cards_snippet():
+    """The documentation's transformers-only snippet is the one the test above runs without maft."""
+    page = (REPO_ROOT / "docs" / "pipeline.md").read_text()
+    section = page[page.index("## Use a shared model with transformers only"):]
     shown = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     assert shown == usage_snippet((CARDS / "maft-mini.md").read_text())

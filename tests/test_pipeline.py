@@ -56,7 +56,7 @@ def test_one_image_gives_the_models_label_map_as_masks(segmenter):
     model, processor = segmenter.model, segmenter.processor
     expected = segment_image(model, processor, image, encode_vocabulary(model, processor, LABELS))
     np.testing.assert_array_equal(label_map_of(segments, LABELS), expected)
-    assert [segment["label"] for segment in segments] == ["checkered wall", "dotted floor", "dotted grass"]  # as in the README
+    assert [segment["label"] for segment in segments] == ["checkered wall", "dotted floor", "dotted grass"]  # as docs/pipeline.md shows
 
 
 def test_several_images_of_any_kind_give_one_list_each(segmenter):

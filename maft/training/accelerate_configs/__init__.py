@@ -1,4 +1,4 @@
-"""Accelerate configuration files for `accelerate launch --config_file ...` (see README, "Several GPUs and nodes")."""
+"""Accelerate configuration files for `accelerate launch --config_file ...` (see docs/distributed.md)."""
 
 from pathlib import Path
 
