@@ -496,7 +496,10 @@ def segment_command(arguments) -> int:
 
     if arguments.push_to_hub and arguments.output_format != "dataset":
         raise ValueError("--push-to-hub publishes the dataset output: add --output-format dataset")
-    output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong --output fails at once
+    if arguments.output_format == "dataset" and arguments.task != "semantic":
+        raise ValueError("--output-format dataset holds label maps: it goes with --task semantic")
+    task = segmentation_task(arguments)
+    output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong option fails at once
     from accelerate.utils import gather_object
 
     from ..evaluation.dataset_evaluation import distributed_state
@@ -506,9 +509,6 @@ def segment_command(arguments) -> int:
     state = distributed_state()
     device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
     dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
-    if arguments.output_format == "dataset" and arguments.task != "semantic":
-        raise ValueError("--output-format dataset holds label maps: it goes with --task semantic")
-    task = segmentation_task(arguments)
     collection = open_collection(arguments.images, arguments.dataset, arguments.split, arguments.streaming,
                                  arguments.image_column, arguments.id_column)
     manifest = collection_manifest(arguments.model or "bundled maft-mini", arguments.labels, dtype, task,
