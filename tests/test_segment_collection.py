@@ -219,6 +219,60 @@ def test_the_dataset_output_round_trips_through_load_from_disk_and_the_hub(colle
     assert downloaded.data.equals(dataset.data)
 
 
+def test_the_panoptic_dataset_output_holds_the_files_and_is_a_maft_panoptic_dataset(collection, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    from maft.data.segmentation_data import panoptic_thing_class_ids, segmentation_metadata
+
+    model, folder, paths = collection
+    output = tmp_path / "out"
+    panoptic = ["--task", "panoptic", "--stuff", "wall", "--threshold", "0.1"]
+    assert segment(model, [str(folder)], output, *panoptic, "--output-format", "dataset") == 0
+
+    dataset = load_from_disk(output / "dataset")
+    assert dataset.column_names == ["id", "position", "image", "panoptic", "segments_info"]
+    assert dataset["id"] == [path.stem for path in paths] and dataset["image"] == [str(path) for path in paths]
+    for row in dataset:
+        np.testing.assert_array_equal(np.asarray(row["panoptic"]), np.asarray(Image.open(output / f"{row['id']}_panoptic.png")))
+        segments = json.loads((output / f"{row['id']}.json").read_text())["segments_info"]
+        assert row["segments_info"] == [{**segment, "category_id": segment["category_id"] - 1} for segment in segments]
+    assert sum(len(segments) for segments in dataset["segments_info"]) > 0
+    assert segmentation_metadata(dataset)[0] == ["cat", "sofa", "wall"] and panoptic_thing_class_ids(dataset) == [0, 1]
+    card = (output / "dataset-parquet" / "README.md").read_text()
+    assert "| 2 | `wall` | stuff |" in card and "`segments_info` (per segment" in card
+
+    # the image sources are paths here, which the processor reads: maft evaluate takes the dataset as it is, and
+    # finds the model's own segmentation again
+    capsys.readouterr()
+    assert main(["evaluate", "--task", "panoptic", "--threshold", "0.1", "--dataset", str(output / "dataset"),
+                 "--model", str(model), "--dtype", "float32", "--output", str(tmp_path / "results.json")]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["PQ"] == pytest.approx(100.0)
+
+    assert segment(model, [str(folder)], output, "--task", "instance", "--threshold", "0.1", "--output-format", "dataset") == 1
+    assert "(task 'panoptic' there, 'instance' now; stuff ['wall'] there, [] now)" in capsys.readouterr().err
+
+
+def test_the_instance_dataset_output_holds_the_instances_and_their_masks(collection, tmp_path):
+    from datasets import load_from_disk
+
+    model, folder, paths = collection
+    output = tmp_path / "out"
+    assert segment(model, [str(folder)], output, "--task", "instance", "--threshold", "0.1", "--output-format", "dataset") == 0
+
+    dataset = load_from_disk(output / "dataset")
+    assert dataset.column_names == ["id", "position", "image", "instances", "instance_masks"]
+    assert dataset["id"] == [path.stem for path in paths]
+    for row in dataset:
+        instances = json.loads((output / f"{row['id']}.json").read_text())["instances"]
+        assert row["instances"] == [{"id": instance["id"], "category_id": instance["category_id"] - 1, "score": instance["score"],
+                                     "area": instance["area"], "bbox": instance["bbox"]} for instance in instances]
+        assert len(row["instance_masks"]) == len(instances)
+        for mask, instance in zip(row["instance_masks"], instances):
+            np.testing.assert_array_equal(np.asarray(mask), np.asarray(Image.open(output / instance["mask"])))
+    assert sum(len(instances) for instances in dataset["instances"]) > 0
+    assert "`instance_masks` (one PNG per instance" in (output / "dataset-parquet" / "README.md").read_text()
+
+
 def test_a_failing_hub_leaves_the_local_dataset_complete(collection, tmp_path, hub_server, capsys):
     from datasets import load_from_disk
 

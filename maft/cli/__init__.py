@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "runs (default: 2; 0: all in this process)")
     segmenter.add_argument("--overwrite", action="store_true", help="segment every image again, even where its outputs are complete")
     segmenter.add_argument("--output-format", choices=["files", "dataset"], default="files",
-                           help="dataset: also a datasets dataset of label maps and class fractions (OUTPUT/dataset, "
+                           help="dataset: also a datasets dataset of the files' contents, a row per image (OUTPUT/dataset, "
                                 "and Parquet shards in OUTPUT/dataset-parquet); default: files")
     segmenter.add_argument("--push-to-hub", metavar="ORG/NAME", help="with --output-format dataset: upload it to this Hub dataset")
     segmenter.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")

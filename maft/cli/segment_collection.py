@@ -8,7 +8,8 @@ resumable.
   killed at any point is finished by running it again. `maft-manifest.json` records the model, the vocabulary and
   the options the outputs depend on; a run with different ones into the same folder is refused, naming them.
 - Outputs: the files per image of the chosen `OutputWriter`; with the dataset format also a `datasets` dataset of
-  every image's label map and class fractions (`write_collection_dataset`), optionally pushed to the Hub.
+  what those files hold, a row per image with the task's columns (`dataset_features`, `write_collection_dataset`),
+  optionally pushed to the Hub.
 - Progress: each process records its counts in `.maft-progress/`; the main process shows them summed in one bar,
   and at the end a summary of all processes (`CollectionSummary`).
 """
@@ -55,6 +56,9 @@ MANIFEST_CHECKED = ("model", "labels", "dtype", "task", "stuff", "thresholds", "
 SKIPPED_PER_BATCH = 256  # a worker reports already complete images in groups of at most this many
 PROGRESS_INTERVAL = 1.0  # seconds between progress records and bar refreshes
 MAX_PARQUET_SHARD_BYTES = 500 * 2**20
+# the keys of the per-image JSON's segments (panoptic) and instances that the dataset output keeps
+PANOPTIC_SEGMENT_KEYS = ("id", "category_id", "iscrowd", "area", "bbox", "score")
+INSTANCE_KEYS = ("id", "category_id", "score", "area", "bbox")
 
 
 @dataclass(frozen=True)
@@ -294,37 +298,114 @@ def check_manifest(output: Path, manifest: dict, overwrite: bool) -> None:
                          "--output, or add --overwrite to segment every image again")
 
 
-def dataset_row(output: Path, writer: OutputWriter, image: CollectionImage, class_names: Sequence[str]) -> dict:
-    """One image's row of the dataset output, from its files: id, position, image (its source), label_map (PNG
-    bytes) and class_fractions (every class, absent ones 0)."""
-    _, labels_path, summary_path = writer.paths(output, image.name)
+def image_file(path: Path) -> dict:
+    """A file as a `datasets.Image` cell that holds its bytes (so the dataset does not depend on the file)."""
+    return {"bytes": path.read_bytes(), "path": None}
+
+
+def class_indexed(entry: dict, keys: Sequence[str]) -> dict:
+    """`keys` of a per-image JSON's segment or instance, its COCO `category_id` (from 1) made a class index (from 0)."""
+    return {key: entry[key] - 1 if key == "category_id" else entry[key] for key in keys}
+
+
+def semantic_columns(paths: list[Path], class_names: Sequence[str]) -> dict:
+    """label_map (the PNG of class indices) and class_fractions (every class, absent ones 0)."""
+    _, labels_path, summary_path = paths
     fractions = json.loads(summary_path.read_text(encoding="utf-8"))["fractions"]
-    return {"id": image.name, "position": image.position, "image": image.source,
-            "label_map": {"bytes": labels_path.read_bytes(), "path": None},
+    return {"label_map": image_file(labels_path),
             "class_fractions": {name: float(fractions.get(name, 0.0)) for name in class_names}}
 
 
-def dataset_features(class_names: Sequence[str]):
+def panoptic_columns(paths: list[Path], class_names: Sequence[str]) -> dict:
+    """panoptic (the COCO panoptic PNG) and segments_info (the annotation's segments)."""
+    _, panoptic_path, annotation_path = paths
+    segments = json.loads(annotation_path.read_text(encoding="utf-8"))["segments_info"]
+    return {"panoptic": image_file(panoptic_path),
+            "segments_info": [class_indexed(segment, PANOPTIC_SEGMENT_KEYS) for segment in segments]}
+
+
+def instance_columns(paths: list[Path], class_names: Sequence[str]) -> dict:
+    """instances (the summary's instances) and instance_masks (their mask PNGs, in the same order)."""
+    _, summary_path = paths
+    instances = json.loads(summary_path.read_text(encoding="utf-8"))["instances"]
+    return {"instances": [class_indexed(instance, INSTANCE_KEYS) for instance in instances],
+            "instance_masks": [image_file(summary_path.parent / instance["mask"]) for instance in instances]}
+
+
+TASK_COLUMNS = {"semantic": semantic_columns, "panoptic": panoptic_columns, "instance": instance_columns}
+
+
+def dataset_row(output: Path, writer: OutputWriter, image: CollectionImage, class_names: Sequence[str]) -> dict:
+    """One image's row of the dataset output, read from the files `writer` wrote: id, position, image (its source),
+    and the task's columns (`dataset_features`), category ids made class indices from 0."""
+    columns = TASK_COLUMNS[writer.task](writer.paths(output, image.name), class_names)
+    return {"id": image.name, "position": image.position, "image": image.source, **columns}
+
+
+def dataset_features(task: str, class_names: Sequence[str]):
+    """The dataset output's columns: id, position, image (the source) and, by task, semantic: label_map (Image of
+    class indices), class_fractions; panoptic: panoptic (COCO panoptic PNG), segments_info (the loader's
+    `PANOPTIC_SEGMENTS_FEATURE` plus bbox and score); instance: instances, instance_masks (an Image per instance)."""
     import datasets
 
-    return datasets.Features({
-        "id": datasets.Value("string"), "position": datasets.Value("int64"), "image": datasets.Value("string"),
-        "label_map": datasets.Image(), "class_fractions": {name: datasets.Value("float32") for name in class_names},
-    })
+    from ..data.segmentation_data import PANOPTIC_SEGMENTS_FEATURE
+
+    bbox_and_score = {"bbox": datasets.List(datasets.Value("int64")), "score": datasets.Value("float64")}
+    columns = {
+        "semantic": {"label_map": datasets.Image(),
+                     "class_fractions": {name: datasets.Value("float32") for name in class_names}},
+        "panoptic": {"panoptic": datasets.Image(),
+                     "segments_info": datasets.List({**PANOPTIC_SEGMENTS_FEATURE.feature, **bbox_and_score})},
+        "instance": {"instances": datasets.List({"id": datasets.Value("int64"), "category_id": datasets.Value("int64"),
+                                                 "area": datasets.Value("int64"), **bbox_and_score}),
+                     "instance_masks": datasets.List(datasets.Image())},
+    }[task]
+    return datasets.Features({"id": datasets.Value("string"), "position": datasets.Value("int64"),
+                              "image": datasets.Value("string"), **columns})
 
 
-def write_dataset_part(output: Path, rows: list[dict], class_names: Sequence[str], process_index: int) -> None:
+def write_dataset_part(output: Path, rows: list[dict], task: str, class_names: Sequence[str], process_index: int) -> None:
     """This process's rows of the dataset output, as a Parquet file that the main process gathers."""
     import datasets
 
     folder = output / PARTS_FOLDER
     folder.mkdir(exist_ok=True)
-    part = datasets.Dataset.from_list(rows, features=dataset_features(class_names))
+    part = datasets.Dataset.from_list(rows, features=dataset_features(task, class_names))
     write_files_atomically({folder / f"process-{process_index}.parquet": lambda path: part.to_parquet(str(path))})
 
 
+TASK_COLUMNS_DESCRIPTION = {
+    "semantic": "`label_map` (PNG of class indices, 16-bit beyond 256 classes), `class_fractions` (each class's share "
+                "of the image).",
+    "panoptic": "`panoptic` (COCO panoptic PNG: segment id = R + 256 G + 256^2 B, 0 where no segment is), "
+                "`segments_info` (per segment `id`, `category_id`, `iscrowd`, `area`, `bbox` [x, y, width, height], "
+                "`score`).",
+    "instance": "`instances` (per instance `id` (from 1, best first), `category_id`, `score`, `area`, `bbox` "
+                "[x, y, width, height]), `instance_masks` (one PNG per instance, in the order of `instances`: 255 on "
+                "the instance, 0 elsewhere; instances do not overlap).",
+}
+
+
 def dataset_card(class_names: Sequence[str], manifest: dict, num_rows: int) -> str:
-    """README.md of the Hub dataset: its data files and what the columns hold."""
+    """README.md of the Hub dataset: its data files, what the columns of the manifest's task hold and, for instance
+    and panoptic, the categories (class indices, and which are stuff)."""
+    task, stuff = manifest["task"], set(manifest["stuff"])
+    if task == "semantic":
+        classes = (f"the classes {', '.join(f'`{name}`' for name in class_names)} (label index = position in this "
+                   "list)")
+    else:
+        categories = "\n".join(f"| {index} | `{name}` | {'stuff' if name in stuff else 'thing'} |"
+                                for index, name in enumerate(class_names))
+        classes = f"""these categories:
+
+| category_id | name | kind |
+|---|---|---|
+{categories}
+
+`category_id` is the class index from 0 (the convention of `maft.data.segmentation_data.load_coco_panoptic`), one less
+than the COCO category id of the per-image JSON files. The Parquet files do not record the categories:
+`maft.data.segmentation_data.with_segmentation_metadata(dataset, names, thing_class_names=...)` records them on the
+loaded dataset (the `save_to_disk` copy that `maft segment` writes beside them has them)"""
     return f"""---
 configs:
 - config_name: default
@@ -334,11 +415,11 @@ configs:
 ---
 # Segmentations by maft
 
-{num_rows} images segmented by `maft segment` with the model `{manifest['model']}` ({manifest['dtype']}) into the
-classes {', '.join(f'`{name}`' for name in class_names)} (label index = position in this list).
+{num_rows} images segmented by `maft segment --task {task}` with the model `{manifest['model']}` ({manifest['dtype']})
+into {classes}.
 
 Columns: `id` (the image's output name), `position` (its place in the collection), `image` (its source),
-`label_map` (PNG of class indices, 16-bit beyond 256 classes), `class_fractions` (each class's share of the image).
+{TASK_COLUMNS_DESCRIPTION[task]}
 """
 
 
@@ -350,9 +431,15 @@ def write_collection_dataset(output: Path, num_processes: int, class_names: Sequ
 
     import datasets
 
+    from ..data.segmentation_data import with_segmentation_metadata
+
     parts = [str(output / PARTS_FOLDER / f"process-{index}.parquet") for index in range(num_processes)]
-    dataset = datasets.Dataset.from_parquet(parts, features=dataset_features(class_names), keep_in_memory=True)
+    task = manifest["task"]
+    dataset = datasets.Dataset.from_parquet(parts, features=dataset_features(task, class_names), keep_in_memory=True)
     dataset = dataset.sort("position")
+    if task != "semantic":
+        thing_class_names = [name for name in class_names if name not in manifest["stuff"]]
+        dataset = with_segmentation_metadata(dataset, class_names, thing_class_names=thing_class_names)
     for folder in (DATASET_FOLDER, PARQUET_FOLDER):
         shutil.rmtree(output / f".{folder}.partial", ignore_errors=True)
     dataset.save_to_disk(str(output / f".{DATASET_FOLDER}.partial"))
@@ -496,8 +583,6 @@ def segment_command(arguments) -> int:
 
     if arguments.push_to_hub and arguments.output_format != "dataset":
         raise ValueError("--push-to-hub publishes the dataset output: add --output-format dataset")
-    if arguments.output_format == "dataset" and arguments.task != "semantic":
-        raise ValueError("--output-format dataset holds label maps: it goes with --task semantic")
     task = segmentation_task(arguments)
     output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong option fails at once
     from accelerate.utils import gather_object
@@ -539,7 +624,7 @@ def segment_command(arguments) -> int:
                                      overwrite=arguments.overwrite, dataset_rows=dataset_rows, state=state,
                                      progress=progress, debug=arguments.debug)
         if dataset_rows is not None:
-            write_dataset_part(output, dataset_rows, arguments.labels, state.process_index)
+            write_dataset_part(output, dataset_rows, task.task, arguments.labels, state.process_index)
         total = CollectionSummary.total(gather_object([summary]) if state.num_processes > 1 else [summary])
     except BaseException:
         progress.close()
