@@ -8,7 +8,9 @@
 4. runs two stage-2 training steps and one stage-1 step in bfloat16 mixed precision;
 5. times the full model (default MaftConfig, random weights, 150 classes, vocabulary cached) in each dtype, eager and
    compiled (images/s, peak memory), and IP-CLIP with Q mask proposals against a plain CLIP forward;
-6. times naming Q given masks end to end (benchmarks/mask_naming.py): IP-CLIP in one pass against CLIP per masked crop.
+6. times naming Q given masks end to end (benchmarks/mask_naming.py): IP-CLIP in one pass against CLIP per masked crop;
+7. times `maft segment`'s collection loop (DataLoader workers, outputs written) on a folder of random images: float32
+   eager one image at a time against bfloat16 at batch 8, eager and compiled (images/s).
 
     python benchmarks/gpu_check.py                  # on a CUDA machine; planned for under 6 minutes on one H100
     python benchmarks/gpu_check.py --device cpu ... # the same steps with the CPU kernel: checks the script itself
@@ -47,7 +49,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # dtype, with room for the accumulation order of atomics.
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 STEPS = ("build", "tests", "parity", "gradcheck", "kernel_timings", "training", "model_eager", "ipclip", "model_compiled",
-         "mask_naming")
+         "mask_naming", "collection")
+# (dtype, compiled, batch size) of the collection loop's timings; the batch size None is --collection-batch-size
+COLLECTION_VARIANTS = (("float32", False, 1), ("bfloat16", False, None), ("bfloat16", True, None))
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +73,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--proposals", type=int, default=100, help="mask proposals of the IP-CLIP timing")
     parser.add_argument("--clip-image-size", type=int, default=480, help="side of the square image IP-CLIP sees")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--collection-images", type=int, default=64, help="images of the collection loop's folder")
+    parser.add_argument("--collection-batch-size", type=int, default=8, help="batch of the collection loop in bfloat16")
+    parser.add_argument("--collection-workers", type=int, default=4, help="DataLoader workers of the collection loop")
     parser.add_argument("--model-config", type=json.loads, default={},
                         help="MaftConfig keyword arguments as JSON (default: the default configuration)")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="where `pytest -m cuda` looks")
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "ipclip": time_ipclip,
         "model_compiled": lambda arguments: time_model(arguments, compiled=True),
         "mask_naming": time_mask_naming,
+        "collection": time_collection,
     }
     check_started = time.perf_counter()
     for step in arguments.steps:
@@ -427,6 +435,48 @@ def time_mask_naming(arguments) -> dict:
     return {"passed": all("error" not in row for row in rows), "rows": rows}
 
 
+def time_collection(arguments) -> dict:
+    """`maft segment`'s loop (`segment_collection`) over a folder of `--collection-images` random images of
+    `--image-size` with the model of `--model-config` (random weights) and `--classes` classes, per
+    `COLLECTION_VARIANTS`: images/s of a second pass over the folder (the first one compiles and warms up)."""
+    import tempfile
+
+    from maft import MaftModel
+    from maft.cli.image_collections import open_collection
+    from maft.cli.segment_collection import segment_collection
+
+    config = model_config(arguments)
+    torch.manual_seed(0)
+    base_model = MaftModel(config).eval()
+    processor = make_processor(arguments)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(arguments.collection_images):
+            random_image(arguments.image_size).save(Path(folder) / f"image-{index:04d}.png")
+        collection = open_collection([str(Path(folder) / "*.png")])
+        for dtype_name, compiled, batch_size in COLLECTION_VARIANTS:
+            batch_size = batch_size or arguments.collection_batch_size
+            model = copy.deepcopy(base_model).to(arguments.device, DTYPES[dtype_name])
+            run_model = torch.compile(model, backend=arguments.compile_backend) if compiled else model
+            row = {"method": f"collection loop, batch {batch_size}{', compiled' if compiled else ''}", "dtype": dtype_name}
+            try:
+                with tempfile.TemporaryDirectory() as output:
+                    passes = [segment_collection(run_model, processor, collection, class_names(arguments.classes), Path(output),
+                                                 batch_size=batch_size, num_workers=arguments.collection_workers,
+                                                 overwrite=True) for _ in range(2)]
+                failed = [reason for summary in passes for _, _, reason in summary.failed]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} images failed, the first: {failed[0]}")
+                row |= {"first_pass_s": passes[0].seconds, "seconds": passes[1].seconds,
+                        "images_per_s": passes[1].done / passes[1].seconds}
+            except Exception as error:  # a variant that fails must not cost the others
+                row["error"] = f"{type(error).__name__}: {error}"
+            rows.append(row)
+            del model, run_model
+    return {"passed": all("error" not in row for row in rows), "images": arguments.collection_images,
+            "image_size": arguments.image_size, "classes": arguments.classes, "rows": rows}
+
+
 def training_batch(arguments, config, model):
     """A batch of one random image and label map on the device, and the vocabulary's text embeddings."""
     from maft.training import MaftTrainingCollator
@@ -512,6 +562,10 @@ def table_rows(step: str, result: dict) -> list[tuple[str, str]]:
                  f"{', '.join(f'{seconds:.2f}' for seconds in stage_result['step_seconds'])} s"
                  + (f"; peak {stage_result['peak_memory_mib']:.0f} MiB" if stage_result["peak_memory_mib"] is not None else ""))
                 for stage, stage_result in result["stages"].items()]
+    if step == "collection":
+        return [(f"{row['method']}, {row['dtype']}", f"FAILED: {row['error'].splitlines()[0]}" if "error" in row else
+                 f"{row['images_per_s']:.2f} images/s ({result['images']} images; first pass {row['first_pass_s']:.1f} s)")
+                for row in result["rows"]]
     label = {"model_eager": "model, eager", "model_compiled": "model, compiled", "ipclip": "", "mask_naming": ""}[step]
     return [(f"{row.get('method', label)}, {row['dtype']}", timing_summary(row)) for row in result["rows"]]
 

@@ -49,14 +49,15 @@ def test_gpu_check_runs_every_step_with_the_cpu_kernel(tmp_path):
         "--device", "cpu", "--image-size", "64", "--batch-size", "2", "--classes", "3", "--proposals", "4",
         "--repeats", "1", "--dtypes", "float32", "bfloat16", "--model-dtypes", "float32", "bfloat16",
         "--model-precision", "autocast", "--compile-dtypes", "float32", "--compile-backend", "eager",
-        "--clip-image-size", "32", "--model-config", json.dumps(TINY_CONFIG), "--tests", str(Path(__file__).relative_to(REPO_ROOT)),
+        "--clip-image-size", "32", "--collection-images", "3", "--collection-batch-size", "2",
+        "--collection-workers", "1", "--model-config", json.dumps(TINY_CONFIG), "--tests", str(Path(__file__).relative_to(REPO_ROOT)),
         out=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["build", "tests", "parity", "gradcheck", "kernel_timings", "training", "model_eager", "ipclip",
-                           "model_compiled", "mask_naming"]
+                           "model_compiled", "mask_naming", "collection"]
     assert all(step.get("passed", True) for step in steps.values())
     assert [row["method"].split(",")[0] for row in steps["mask_naming"]["rows"]] == ["IP-CLIP", "CLIP per masked crop"]
     assert steps["build"]["build_seconds"] > 0
@@ -75,6 +76,10 @@ def test_gpu_check_runs_every_step_with_the_cpu_kernel(tmp_path):
     assert [row["dtype"] for row in steps["model_compiled"]["rows"]] == ["float32"]
     assert {row["method"] for row in steps["ipclip"]["rows"]} == {"plain CLIP", "IP-CLIP, Q=4"}
     assert all(row["images_per_s"] > 0 for step in ("model_eager", "ipclip", "model_compiled") for row in steps[step]["rows"])
+    assert [(row["method"], row["dtype"]) for row in steps["collection"]["rows"]] == [
+        ("collection loop, batch 1", "float32"), ("collection loop, batch 2", "bfloat16"),
+        ("collection loop, batch 2, compiled", "bfloat16")]
+    assert all(row["images_per_s"] > 0 for row in steps["collection"]["rows"])
     assert "| parity | pixel decoder 64x64, float32 vs reference | ok" in result.stdout
 
 
