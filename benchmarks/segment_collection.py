@@ -1,5 +1,6 @@
 """Throughput of `maft segment` on a folder of images with the bundled model (maft-mini): the one-image-at-a-time loop
-that `maft segment` ran before collections (read, segment, write, in one process), beside `maft segment` with batch
+that `maft segment` ran before collections (read, segment, write, in one process; PNGs compressed at level 6 as then,
+and at today's level 1), beside `maft segment` with batch
 1 or 4, 0 or 2 DataLoader workers, one or two processes (`accelerate launch`, on the CPU), float32 or `--dtype auto`;
 and the cached call (processor, model with the vocabulary encoded once, post-processing) in float32 and bfloat16,
 with the CPU's model name and the flags that decide what `--dtype auto` chooses.
@@ -73,11 +74,13 @@ def class_names() -> list[str]:
     return json.loads((default_model_path().parent / "examples" / "classes.json").read_text())["class_names"]
 
 
-def one_at_a_time(paths: list[Path], output: Path, threads: int) -> float:
-    """Images/s of the loop `maft segment` ran before collections: each image read, segmented and written in turn."""
+def one_at_a_time(paths: list[Path], output: Path, threads: int, png_compress_level: int) -> float:
+    """Images/s of the loop `maft segment` ran before collections: each image read, segmented and written in turn, its
+    PNGs compressed at `png_compress_level` (before collections: PIL's default, 6)."""
     from maft.cli.model_loading import load_model_and_processor
     from maft.inference import encode_vocabulary, segment_image
     from maft.processing_maft import to_rgb_array
+    from maft.utils import output_files
     from maft.utils.output_files import distinct_output_names, write_segmentation_files
 
     torch.set_num_threads(threads)
@@ -85,12 +88,16 @@ def one_at_a_time(paths: list[Path], output: Path, threads: int) -> float:
     model, processor = load_model_and_processor(None, "cpu", "float32")
     text_embeds = encode_vocabulary(model, processor, names)
     output.mkdir(parents=True)
-    started = time.perf_counter()
-    for path, name in zip(paths, distinct_output_names(paths)):
-        image = to_rgb_array(path)
-        label_map = segment_image(model, processor, image, text_embeds)
-        write_segmentation_files(output, name, image, label_map, names, source=str(path))
-    return len(paths) / (time.perf_counter() - started)
+    compress_level, output_files.PNG_COMPRESS_LEVEL = output_files.PNG_COMPRESS_LEVEL, png_compress_level
+    try:
+        started = time.perf_counter()
+        for path, name in zip(paths, distinct_output_names(paths)):
+            image = to_rgb_array(path)
+            label_map = segment_image(model, processor, image, text_embeds)
+            write_segmentation_files(output, name, image, label_map, names, source=str(path))
+        return len(paths) / (time.perf_counter() - started)
+    finally:
+        output_files.PNG_COMPRESS_LEVEL = compress_level
 
 
 def run_segment(folder: Path, output: Path, batch_size: int, workers: int, processes: int, dtype: str, threads: int) -> tuple[float, str]:
@@ -157,8 +164,11 @@ def main() -> None:
         workspace = Path(workspace)
         (workspace / "photos").mkdir()
         paths = make_photos(workspace / "photos", arguments.images)
-        baseline = one_at_a_time(paths, workspace / "loop", arguments.threads)
-        rows.append({"variant": "before: one image at a time, one process", "images_per_second": baseline, "dtype": "float32"})
+        baseline = one_at_a_time(paths, workspace / "loop", arguments.threads, png_compress_level=6)
+        rows.append({"variant": "before: one image at a time, one process, PNG level 6", "images_per_second": baseline,
+                     "dtype": "float32"})
+        rate = one_at_a_time(paths, workspace / "loop-level-1", arguments.threads, png_compress_level=1)
+        rows.append({"variant": "one image at a time, one process, PNG level 1", "images_per_second": rate, "dtype": "float32"})
         for index, (label, batch_size, workers, processes, dtype) in enumerate(VARIANTS):
             rate, chosen = run_segment(workspace / "photos", workspace / f"run-{index}", batch_size, workers, processes, dtype, arguments.threads)
             rows.append({"variant": label, "images_per_second": rate, "dtype": chosen})

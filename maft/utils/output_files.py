@@ -69,6 +69,16 @@ def write_files_atomically(writers: Mapping[Path, Callable[[Path], object]]) -> 
             path.unlink(missing_ok=True)
 
 
+# zlib level of the PNGs written: 1 compresses a 640x480 overlay 4x as fast as PIL's default 6 (0.03 s instead of
+# 0.12 s), into a file about 20% larger; at 6, compressing overlays took most of `maft segment`'s time per image
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_writer(image: Image.Image) -> Callable[[Path], None]:
+    """A writer of `image` as a PNG file, for `write_files_atomically`."""
+    return lambda path: image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
 def write_json(path: Path, content: dict) -> None:
     """`content` as indented JSON in `path`, written atomically."""
     write_files_atomically({path: lambda temporary: temporary.write_text(json.dumps(content, indent=2))})
@@ -100,8 +110,8 @@ def write_segmentation_files(folder: Path, name: str, image: np.ndarray, label_m
     summary = {"image": source, "labels": list(class_names), "fractions": class_fractions(label_map, list(class_names))}
     overlay, labels, summary_path = segmentation_file_paths(folder, name)
     writers = {
-        overlay: render_overlay(Image.fromarray(image), label_map, list(class_names)).save,
-        labels: label_map_image(label_map).save,
+        overlay: png_writer(render_overlay(Image.fromarray(image), label_map, list(class_names))),
+        labels: png_writer(label_map_image(label_map)),
         summary_path: lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
     write_files_atomically(writers)
@@ -149,8 +159,8 @@ def write_panoptic_files(folder: Path, name: str, image: np.ndarray, segmentatio
     }
     overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=0)
     writers = {
-        folder / f"{name}_overlay.png": overlay.save,
-        folder / annotation["file_name"]: panoptic_image(segmentation).save,
+        folder / f"{name}_overlay.png": png_writer(overlay),
+        folder / annotation["file_name"]: png_writer(panoptic_image(segmentation)),
         folder / f"{name}.json": lambda path: path.write_text(json.dumps(annotation, indent=2)),
     }
     write_files_atomically(writers)
@@ -171,11 +181,11 @@ def write_instance_files(folder: Path, name: str, image: np.ndarray, segmentatio
         mask = segmentation == segment["id"]
         mask_path = folder / f"{name}_instance-{number}.png"
         instances.append({**coco_segment(mask, segment, number), "mask": mask_path.name})
-        writers[mask_path] = Image.fromarray(mask.astype(np.uint8) * 255).save
+        writers[mask_path] = png_writer(Image.fromarray(mask.astype(np.uint8) * 255))
     summary = {"image": source, "instances": instances, "categories": coco_categories(class_names, stuff_label_ids)}
     overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=-1)
     writers = {
-        folder / f"{name}_overlay.png": overlay.save,
+        folder / f"{name}_overlay.png": png_writer(overlay),
         **writers,
         folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
