@@ -86,6 +86,7 @@ def test_inputs_that_name_no_images_are_refused(collection, tmp_path, capsys):
     assert "not both or neither" in capsys.readouterr().err
     assert segment(model, [str(folder)], tmp_path / "out", "--push-to-hub", "user/labels") == 1
     assert capsys.readouterr().err == "maft segment: --push-to-hub publishes the dataset output: add --output-format dataset\n"
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_a_streamed_dataset_is_read_as_it_goes(collection, tmp_path, monkeypatch):

@@ -579,23 +579,24 @@ def segment_command(arguments) -> int:
     """`maft segment`: the collection the arguments name, segmented by every process of `accelerate launch` (one
     without it), then the summary, the dataset output and its upload on the main process. Exit code 1 when an image
     failed or the upload did."""
-    from ..utils.output_files import prepare_output_folder
+    from ..utils.output_files import check_output_folder, prepare_output_folder
 
     if arguments.push_to_hub and arguments.output_format != "dataset":
         raise ValueError("--push-to-hub publishes the dataset output: add --output-format dataset")
     task = segmentation_task(arguments)
-    output = prepare_output_folder(arguments.output)  # before the slow imports below: a wrong option fails at once
+    check_output_folder(arguments.output)  # before the slow imports below: a wrong option fails at once
     from accelerate.utils import gather_object
 
     from ..evaluation.dataset_evaluation import distributed_state
     from .image_collections import open_collection
     from .model_loading import load_model_and_processor, resolve_device, resolve_model_dtype
 
+    collection = open_collection(arguments.images, arguments.dataset, arguments.split, arguments.streaming,
+                                 arguments.image_column, arguments.id_column)
+    output = prepare_output_folder(arguments.output)  # only now: inputs that name no images leave no folder behind
     state = distributed_state()
     device = resolve_device(arguments.device or (state.device if state.num_processes > 1 else None))
     dtype, dtype_choice = resolve_model_dtype(arguments.model, arguments.dtype, device)
-    collection = open_collection(arguments.images, arguments.dataset, arguments.split, arguments.streaming,
-                                 arguments.image_column, arguments.id_column)
     manifest = collection_manifest(arguments.model or "bundled maft-mini", arguments.labels, dtype, task,
                                    collection.description, arguments.output_format, arguments.proposals)
     check_manifest(output, manifest, arguments.overwrite)
