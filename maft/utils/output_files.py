@@ -152,16 +152,17 @@ def write_panoptic_files(folder: Path, name: str, image: np.ndarray, segmentatio
     `file_name` and `segments_info`, with the `categories`; `image` is the source image)."""
     from .visualization import panoptic_image, render_segments_overlay
 
+    overlay_path, panoptic_path, annotation_path = panoptic_file_paths(folder, name)
     annotation = {
-        "image": source, "image_id": name, "file_name": f"{name}_panoptic.png",
+        "image": source, "image_id": name, "file_name": panoptic_path.name,
         "segments_info": [coco_segment(segmentation == segment["id"], segment, segment["id"]) for segment in segments_info],
         "categories": coco_categories(class_names, stuff_label_ids),
     }
     overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=0)
     writers = {
-        folder / f"{name}_overlay.png": png_writer(overlay),
-        folder / annotation["file_name"]: png_writer(panoptic_image(segmentation)),
-        folder / f"{name}.json": lambda path: path.write_text(json.dumps(annotation, indent=2)),
+        overlay_path: png_writer(overlay),
+        panoptic_path: png_writer(panoptic_image(segmentation)),
+        annotation_path: lambda path: path.write_text(json.dumps(annotation, indent=2)),
     }
     write_files_atomically(writers)
     return list(writers)
@@ -184,10 +185,11 @@ def write_instance_files(folder: Path, name: str, image: np.ndarray, segmentatio
         writers[mask_path] = png_writer(Image.fromarray(mask.astype(np.uint8) * 255))
     summary = {"image": source, "instances": instances, "categories": coco_categories(class_names, stuff_label_ids)}
     overlay = render_segments_overlay(Image.fromarray(image), segmentation, segments_info, list(class_names), nothing=-1)
+    overlay_path, summary_path = instance_file_paths(folder, name)
     writers = {
-        folder / f"{name}_overlay.png": png_writer(overlay),
+        overlay_path: png_writer(overlay),
         **writers,
-        folder / f"{name}.json": lambda path: path.write_text(json.dumps(summary, indent=2)),
+        summary_path: lambda path: path.write_text(json.dumps(summary, indent=2)),
     }
     write_files_atomically(writers)
     return list(writers)
