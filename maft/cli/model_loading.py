@@ -110,12 +110,13 @@ def count_parameters(name_or_path: str | os.PathLike | None = None) -> int | Non
 def resolve_model_dtype(name_or_path: str | os.PathLike | None, dtype: str, device: "str | torch.device") -> tuple[str, str | None]:
     """(`dtype`, or for "auto" what `maft.utils.precision.choose_dtype` chooses for the model on `device`; the line
     saying what auto chose and why, else None). The model is checked first (`check_model`)."""
-    from ..utils.precision import resolve_dtype
+    from ..utils.precision import choose_dtype
 
     if dtype != "auto":
         return dtype, None
     check_model(default_model_path() if name_or_path is None else name_or_path)
-    return resolve_dtype(dtype, device, count_parameters(name_or_path))
+    choice = choose_dtype(device, count_parameters(name_or_path))
+    return choice.name, f"dtype auto: {choice.name} on {device}, as {choice.reason}"
 
 
 def load_model_and_processor(

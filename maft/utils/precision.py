@@ -71,13 +71,4 @@ def choose_dtype(device: "str | torch.device", parameters: int | None = None,
     return DtypeChoice("float32", f"bfloat16 speed on {device.type} is not known to maft")
 
 
-def resolve_dtype(dtype: str, device: "str | torch.device", parameters: int | None = None) -> tuple[str, str | None]:
-    """(the dtype name to load a model of `parameters` parameters in, the line saying what `auto` chose and why, else
-    None)."""
-    if dtype != "auto":
-        return dtype, None
-    choice = choose_dtype(device, parameters)
-    return choice.name, f"dtype auto: {choice.name} on {device}, as {choice.reason}"
-
-
-__all__ = ["SMALL_MODEL_PARAMETERS", "DtypeChoice", "choose_dtype", "cpu_flags", "resolve_dtype"]
+__all__ = ["SMALL_MODEL_PARAMETERS", "DtypeChoice", "choose_dtype", "cpu_flags"]
