@@ -12,6 +12,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ..utils.visualization import segment_ids_to_rgb
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 METADATA_KEY = "maft_segmentation"
@@ -60,14 +62,6 @@ def recorded_thing_class_names(dataset: datasets.Dataset) -> list[str] | None:
 
 def has_panoptic_annotations(dataset) -> bool:
     return {"panoptic", "segments_info"} <= set(getattr(dataset, "column_names", None) or ())
-
-
-def segment_ids_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8, COCO panoptic's PNG encoding (id = R + 256 G + 256^2 B)."""
-    segment_ids = np.asarray(segment_ids, dtype=np.int64)
-    if segment_ids.min(initial=0) < 0 or segment_ids.max(initial=0) >= 256**3:
-        raise ValueError(f"Panoptic segment ids must be in [0, {256**3 - 1}].")
-    return np.stack([segment_ids % 256, segment_ids // 256 % 256, segment_ids // 256**2], axis=-1).astype(np.uint8)
 
 
 def rgb_to_segment_ids(panoptic) -> np.ndarray:

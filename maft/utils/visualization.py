@@ -60,13 +60,17 @@ def render_segments_overlay(
     return render_overlay(image, label_map, class_names, outlines=segment_outlines(segmentation, nothing))
 
 
+def segment_ids_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> (H, W, 3) uint8, COCO panoptic's PNG encoding (id = R + 256 G + 256^2 B)."""
+    segment_ids = np.asarray(segment_ids, dtype=np.int64)
+    if segment_ids.min(initial=0) < 0 or segment_ids.max(initial=0) >= 256**3:
+        raise ValueError(f"Panoptic segment ids must be in [0, {256**3 - 1}], got [{segment_ids.min()}, {segment_ids.max()}].")
+    return np.stack([segment_ids % 256, segment_ids // 256 % 256, segment_ids // 256**2], axis=-1).astype(np.uint8)
+
+
 def panoptic_image(segmentation: np.ndarray) -> Image.Image:
     """Segment ids (H, W) as COCO panoptic's RGB PNG: id = R + 256 * G + 256**2 * B (0: no segment)."""
-    segmentation = np.asarray(segmentation)
-    if segmentation.size and (segmentation.min() < 0 or segmentation.max() >= 256**3):
-        raise ValueError(f"A panoptic image holds segment ids 0 to 256**3 - 1, got [{segmentation.min()}, {segmentation.max()}].")
-    ids = segmentation.astype(np.uint32)
-    return Image.fromarray(np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8))
+    return Image.fromarray(segment_ids_to_rgb(segmentation))
 
 
 def segment_box_and_area(mask: np.ndarray) -> tuple[list[int], int]:
