@@ -1,11 +1,24 @@
 """Measurements shared by the benchmarks."""
 
 import contextlib
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+
+def cpu_model_name() -> str:
+    """The processor's model name as `lscpu` gives it (from /proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: str) -> None:

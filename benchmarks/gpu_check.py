@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention as transformers_msda
 
-from common import peak_memory_mib
+from common import peak_memory_mib, synchronize
 from deformable_attention import CHANNELS, HEADS, POINTS, timed
 from ipclip import random_blob_masks
 
@@ -146,11 +146,6 @@ def write_json_atomically(path: Path, content: dict) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(content, indent=2))
     os.replace(temporary, path)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # 1. Build and tests

@@ -14,7 +14,6 @@ Prints a markdown table and writes benchmarks/results/mask_naming.json.
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.nn import functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from common import interleaved_median_seconds  # noqa: E402
+from common import cpu_model_name, interleaved_median_seconds  # noqa: E402
 from ipclip import VIT_B16  # noqa: E402
 from masked_crops import clip_normalized, masked_crop_class_logits  # noqa: E402
 
@@ -80,17 +79,6 @@ def measure_seconds(runs: dict, num_masks: int, repeats: int, device: str) -> di
     crop is timed once from K = 100 on (K CLIP passes: one call is enough to rank it)."""
     repeats_of = {method: 1 if method == "per_crop" and num_masks >= 100 else repeats for method in runs}
     return interleaved_median_seconds(runs, repeats_of, device)
-
-
-def cpu_model_name() -> str:
-    """The processor's model name as `lscpu` gives it (from /proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from masked_crops import clip_normalized, masked_crop_class_logits  # noqa: E402
-from mask_naming import cpu_model_name  # noqa: E402
+from common import cpu_model_name  # noqa: E402
 
 
 def ground_truth_segments(label: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[int]]:
@@ -70,10 +70,11 @@ def with_frozen_clip(model, clip_dir: str):
 
 def accuracies(correct: list[bool], unseen: list[bool]) -> dict[str, float]:
     """Percentages of segments named right: of seen classes, of unseen classes, their harmonic mean, and all."""
+    from maft.evaluation.metrics import harmonic_mean
+
     correct, unseen = np.array(correct), np.array(unseen)
     seen_accuracy, unseen_accuracy = 100 * correct[~unseen].mean(), 100 * correct[unseen].mean()
-    harmonic = 2 * seen_accuracy * unseen_accuracy / (seen_accuracy + unseen_accuracy) if seen_accuracy + unseen_accuracy else 0.0
-    return {"seen": seen_accuracy, "unseen": unseen_accuracy, "harmonic": harmonic, "all": 100 * correct.mean(),
+    return {"seen": seen_accuracy, "unseen": unseen_accuracy, "harmonic": harmonic_mean(seen_accuracy, unseen_accuracy), "all": 100 * correct.mean(),
             "segments_seen": int((~unseen).sum()), "segments_unseen": int(unseen.sum())}
 
 

@@ -17,18 +17,19 @@ Prints a markdown table and writes benchmarks/results/segment_collection.json.
 import argparse
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from common import cpu_model_name, interleaved_median_seconds
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +44,6 @@ VARIANTS = [
     ("maft segment, 2 processes, batch 4, 1 worker each", 4, 1, 2, "float32"),
     ("maft segment, batch 4, 2 workers, --dtype auto", 4, 2, 1, "auto"),
 ]
-
-
-def cpu_model_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def make_photos(folder: Path, count: int) -> list[Path]:
@@ -131,15 +125,9 @@ def cached_call_seconds(threads: int, calls: int) -> dict[str, float]:
     runs = {}
     for dtype in ("float32", "bfloat16"):
         model, processor = load_model_and_processor(None, "cpu", dtype)
-        runs[dtype] = (model, processor, encode_vocabulary(model, processor, class_names()))
-        segment_image(model, processor, image, runs[dtype][2])  # warm-up
-    seconds = {dtype: [] for dtype in runs}
-    for _ in range(calls):
-        for dtype, (model, processor, text_embeds) in runs.items():
-            started = time.perf_counter()
-            segment_image(model, processor, image, text_embeds)
-            seconds[dtype].append(time.perf_counter() - started)
-    return {dtype: statistics.median(values) for dtype, values in seconds.items()}
+        runs[dtype] = partial(segment_image, model, processor, image, encode_vocabulary(model, processor, class_names()))
+        runs[dtype]()  # warm-up
+    return interleaved_median_seconds(runs, dict.fromkeys(runs, calls), "cpu")
 
 
 def main() -> None:
