@@ -98,17 +98,13 @@ class Scene(NamedTuple):
     instances: np.ndarray
 
 
-def render_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-    """
-    One scene: (image (H, W, 3) uint8, label map (H, W) uint8 of indices into CLASS_NAMES, caption). With `twin`,
-    the scene the same generator state draws, with every thing's shape changed to the next shape (or, in a scene
-    without things, every region's texture to the next texture): a hard negative whose caption differs only there.
-    """
-    return draw_scene(rng, spec, twin)[:3]
-
-
 def draw_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), twin: bool = False) -> Scene:
-    """`render_scene` with the instance map of its things (the generator draws the same numbers)."""
+    """
+    One scene: image (H, W, 3) uint8, label map (H, W) uint8 of indices into CLASS_NAMES, caption, and the instance
+    map of its things (H, W, 0 outside them, each thing numbered from 1). With `twin`, the scene the same generator
+    state draws, with every thing's shape changed to the next shape (or, in a scene without things, every region's
+    texture to the next texture): a hard negative whose caption differs only there.
+    """
     size = spec.size
     label = np.zeros((size, size), dtype=np.uint8)
     instances = np.zeros((size, size), dtype=np.int32)
@@ -153,7 +149,7 @@ def caption_for(class_names: list[str], rng: np.random.Generator) -> str:
 def scenes(split: str, count: int, seed: int, spec: SceneSpec = SceneSpec(),
            twins: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """`count` scenes of a split; scene i depends only on (seed, split, i). With `twins`, scenes 2k and 2k + 1 are a
-    scene and its twin (see `render_scene`)."""
+    scene and its twin (see `draw_scene`)."""
     for scene in drawn_scenes(split, count, seed, spec, twins):
         yield scene[:3]
 
