@@ -97,7 +97,7 @@ class StreamingPanopticQuality:
         reference_matched, predicted_matched = matched.any(1), matched.any(0)
 
         iou_sum, true_positives, false_positives, false_negatives = (np.zeros(self.num_classes) for _ in range(4))
-        np.add.at(iou_sum, reference_classes[matched.any(1)], iou[matched])
+        np.add.at(iou_sum, reference_classes[reference_matched], iou[matched])
         np.add.at(true_positives, reference_classes[reference_matched], 1)
         np.add.at(false_negatives, reference_classes[~reference_matched & ~crowd], 1)
         same_class_crowd = (reference_classes[:, None] == predicted_classes[None]) & crowd[:, None]
@@ -127,8 +127,8 @@ class StreamingPanopticQuality:
         classes (`PQ-unseen`) and their harmonic means `hPQ`, `hSQ`, `hRQ`. A group with no occurring class is NaN.
         """
         names = checked_class_names(self.num_classes, class_names, unseen_class_names)
-        qualities = dict(zip(("PQ", "SQ", "RQ"), self.per_class()[:3]))
-        occurs = self.per_class()[3]
+        *per_class_qualities, occurs = self.per_class()
+        qualities = dict(zip(("PQ", "SQ", "RQ"), per_class_qualities))
         things = torch.zeros(self.num_classes, dtype=torch.bool)
         things[self.thing_class_ids] = True
         groups = {"": torch.ones_like(things), "-things": things, "-stuff": ~things}
