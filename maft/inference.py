@@ -35,19 +35,19 @@ def segment_image(model, processor, image: ImageLike, text_embeds: torch.Tensor)
 
 def post_process_objects(
     processor, outputs, task: str, target_sizes: list[tuple[int, int]], stuff_label_ids: Collection[int] = (),
-    **thresholds: float,
+    **options: float | bool,
 ) -> list[dict]:
     """`processor.post_process_{task}_segmentation` ("instance" or "panoptic") of a batch's `outputs` at `target_sizes`
     (one per image), with `stuff_label_ids` as the classes that are stuff (fused in panoptic, left out of instances) and
-    `thresholds` (`threshold`, `mask_threshold`, `overlap_mask_area_threshold`): per image
-    `{"segmentation", "segments_info"}`."""
+    `options`, the function's other arguments (`threshold`, `mask_threshold`, `overlap_mask_area_threshold`; for
+    instances also `return_binary_maps`): per image `{"segmentation", "segments_info"}`."""
     if task == "panoptic":
         return processor.post_process_panoptic_segmentation(
-            outputs, label_ids_to_fuse=stuff_label_ids, target_sizes=target_sizes, **thresholds
+            outputs, label_ids_to_fuse=stuff_label_ids, target_sizes=target_sizes, **options
         )
     if task == "instance":
         return processor.post_process_instance_segmentation(
-            outputs, stuff_label_ids=stuff_label_ids, target_sizes=target_sizes, **thresholds
+            outputs, stuff_label_ids=stuff_label_ids, target_sizes=target_sizes, **options
         )
     raise ValueError(f"task must be 'instance' or 'panoptic', got {task!r}")
 

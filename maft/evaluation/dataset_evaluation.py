@@ -12,6 +12,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env, reduce
 
 from ..data.segmentation_data import rgb_to_segment_ids
+from ..inference import post_process_objects
 from .metrics import StreamingConfusionMatrix
 from .panoptic_metrics import StreamingMaskAP, StreamingPanopticQuality
 
@@ -96,7 +97,7 @@ def evaluate_panoptic_on_dataset(model, processor, dataset, class_names: Sequenc
     `StreamingMaskAP`, mask AP over the thing classes) metrics of the model on a dataset with COCO-panoptic
     annotations (columns image, panoptic, segments_info whose category ids index `class_names`). Predictions come
     from `post_process_panoptic_segmentation` (the classes not in `thing_class_ids` fused as stuff) or
-    `post_process_instance_segmentation` (binary maps, which may overlap) with score `threshold` (default:
+    `post_process_instance_segmentation` (binary maps, which may overlap; stuff classes left out) with score `threshold` (default:
     `DEFAULT_THRESHOLDS[task]`), at the reference's size. Sharded under `accelerate launch` as `evaluate_on_dataset`;
     every process returns the metrics of the whole dataset.
     """
@@ -105,14 +106,11 @@ def evaluate_panoptic_on_dataset(model, processor, dataset, class_names: Sequenc
     threshold = DEFAULT_THRESHOLDS[task] if threshold is None else threshold
     stuff_class_ids = sorted(set(range(len(class_names))) - set(thing_class_ids))
     metric = (StreamingPanopticQuality if task == "panoptic" else StreamingMaskAP)(len(class_names), thing_class_ids)
-    image_processor = processor.image_processor
+    # mask AP wants every instance's whole mask, overlaps included
+    binary_maps = {"return_binary_maps": True} if task == "instance" else {}
     for examples, sizes, outputs in segmented_shard(model, processor, dataset, class_names, device, batch_size, "panoptic"):
-        if task == "panoptic":
-            predictions = image_processor.post_process_panoptic_segmentation(
-                outputs, threshold=threshold, label_ids_to_fuse=set(stuff_class_ids), target_sizes=sizes)
-        else:
-            predictions = image_processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, target_sizes=sizes, return_binary_maps=True)
+        predictions = post_process_objects(processor.image_processor, outputs, task, sizes, stuff_class_ids,
+                                           threshold=threshold, **binary_maps)
         for prediction, example in zip(predictions, examples):
             metric.update(prediction, rgb_to_segment_ids(example["panoptic"]), example["segments_info"])
     state = distributed_state()
