@@ -30,13 +30,15 @@ def panoptic_training_maps(panoptic, segments_info: Sequence[Mapping], thing_cla
     labels = np.full(segment_ids.shape, ignore_index, dtype=np.int64)
     instances = np.zeros(segment_ids.shape, dtype=np.int64)
     thing_class_ids = set(thing_class_ids)
+    things = 0
     for segment in segments_info:
         if segment.get("iscrowd", 0):
             continue
         inside = segment_ids == segment["id"]
         labels[inside] = segment["category_id"]
         if segment["category_id"] in thing_class_ids:
-            instances[inside] = instances.max() + 1
+            things += 1
+            instances[inside] = things
     return labels, instances
 
 
